@@ -1,0 +1,93 @@
+"""The error tree. Every message says what happened, where, and what to do.
+
+    MhdError
+    ├── ConfigError                 bad config value (CLI exits 2)
+    ├── ProviderError               the GPU provider refused (permanent → Aborting)
+    │   ├── TransientProviderError  429/5xx/network: retry with backoff
+    │   ├── NoCapacityError         this GPU type has none: try the next
+    │   └── InsufficientFunds       402: stop, nothing to retry
+    ├── RemoteError                 something on the pod failed (permanent)
+    │   ├── ConnectionLost          SSH dropped or unreachable (transient → Connecting)
+    │   ├── HostKeyMismatch         pinned host key changed (permanent)
+    │   ├── IntegrityError          sha256 mismatch / unsafe manifest path
+    │   └── JobFailed               the trainer exited non-zero
+    ├── DatasetError                no usable samples / unreadable memory_dir
+    ├── MergeError                  adapter conversion or registration failed
+    ├── BudgetExceeded              budget.max_usd_per_run / max_hours_per_run hit
+    └── Cancelled                   `mhd cancel`
+
+`is_transient()` is the single place the retry policy asks.
+"""
+
+from __future__ import annotations
+
+
+class MhdError(Exception):
+    """Base of all mhd errors."""
+
+
+class ConfigError(MhdError):
+    def __init__(self, key: str, value: object, expected: str) -> None:
+        self.key, self.value, self.expected = key, value, expected
+        super().__init__(f"config: {key} = {value!r}: expected {expected}")
+
+
+class ProviderError(MhdError):
+    pass
+
+
+class TransientProviderError(ProviderError):
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class NoCapacityError(ProviderError):
+    pass
+
+
+class InsufficientFunds(ProviderError):
+    pass
+
+
+class RemoteError(MhdError):
+    pass
+
+
+class ConnectionLost(RemoteError):
+    pass
+
+
+class HostKeyMismatch(RemoteError):
+    pass
+
+
+class IntegrityError(RemoteError):
+    pass
+
+
+class JobFailed(RemoteError):
+    pass
+
+
+class DatasetError(MhdError):
+    pass
+
+
+class MergeError(MhdError):
+    pass
+
+
+class BudgetExceeded(MhdError):
+    pass
+
+
+class Cancelled(MhdError):
+    pass
+
+
+TRANSIENT: tuple[type[BaseException], ...] = (TransientProviderError, ConnectionLost)
+
+
+def is_transient(exc: BaseException) -> bool:
+    return isinstance(exc, TRANSIENT)
