@@ -169,6 +169,10 @@ class RetryConfig(_Section):
     base_s: float = Field(1.0, gt=0)
     max_s: float = Field(60.0, gt=0)
     state_deadline_s: float = Field(1800.0, gt=0)
+    # Relaunches of a trainer that died by a signal (OOM killer, pod hiccup) before giving up.
+    max_job_launches: int = Field(3, ge=1)
+    # How long Aborting keeps trying to terminate before handing the pod to the reaper.
+    abort_deadline_s: float = Field(600.0, gt=0)
 
 
 class Config(_Section):

@@ -11,7 +11,8 @@
     │   ├── HostKeyMismatch         pinned host key changed (permanent)
     │   ├── IntegrityError          sha256 mismatch / unsafe manifest path
     │   └── JobFailed               the trainer exited non-zero
-    ├── DatasetError                no usable samples / unreadable memory_dir
+    ├── DatasetError                unreadable memory_dir
+    │   └── NoSamples               no usable sample (run ends `no_data`, no pod rented)
     ├── MergeError                  adapter conversion or registration failed
     ├── BudgetExceeded              budget.max_usd_per_run / max_hours_per_run hit
     └── Cancelled                   `mhd cancel`
@@ -72,6 +73,10 @@ class JobFailed(RemoteError):
 
 class DatasetError(MhdError):
     pass
+
+
+class NoSamples(DatasetError):
+    """The memories gave no usable training sample: nothing to rent a GPU for."""
 
 
 class MergeError(MhdError):

@@ -1,0 +1,253 @@
+"""`mhd daemon|status|train|cancel|runs|logs|merge|rollback|dataset|doctor`.
+
+Exit codes: 0 ok, 1 a command failed, 2 bad config or usage, 3 the daemon is not running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from mhd.config import Config, load_config
+from mhd.errors import ConfigError, MhdError
+
+EXIT_FAIL, EXIT_CONFIG, EXIT_NO_DAEMON = 1, 2, 3
+
+
+def _die(msg: str, code: int) -> NoReturn:
+    click.echo(f"mhd: {msg}", err=True)
+    sys.exit(code)
+
+
+def _cfg(ctx: click.Context) -> Config:
+    obj = ctx.ensure_object(dict)
+    if "cfg" not in obj:
+        try:
+            obj["cfg"] = load_config(obj.get("config_path"))
+        except ConfigError as exc:
+            _die(str(exc), EXIT_CONFIG)
+    cfg: Config = obj["cfg"]
+    return cfg
+
+
+def _ask(cfg: Config, cmd: str, **args: Any) -> dict[str, Any]:
+    from mhd.daemon.client import DaemonNotRunning, request
+
+    try:
+        return request(cfg.socket_path, cmd, **args)
+    except DaemonNotRunning as exc:
+        _die(str(exc), EXIT_NO_DAEMON)
+    except OSError as exc:
+        _die(f"cannot talk to the daemon at {cfg.socket_path}: {exc}", EXIT_NO_DAEMON)
+
+
+@click.group()
+@click.option("--config", "config_path", type=click.Path(path_type=Path), envvar="MHD_CONFIG",
+              help="Config file (default: $XDG_CONFIG_HOME/mhd/config.toml, else /etc/mhd/config.toml).")
+@click.version_option(package_name="mhd")
+@click.pass_context
+def main(ctx: click.Context, config_path: Path | None) -> None:
+    """mhd keeps a personal model in step with its owner's memories."""
+    ctx.ensure_object(dict)["config_path"] = config_path
+
+
+@main.command()
+@click.pass_context
+def daemon(ctx: click.Context) -> None:
+    """Run the daemon in the foreground (what systemd runs)."""
+    cfg = _cfg(ctx)
+    from mhd.daemon.service import run_daemon
+
+    try:
+        sys.exit(run_daemon(cfg))
+    except ConfigError as exc:
+        _die(str(exc), EXIT_CONFIG)
+    except MhdError as exc:
+        _die(str(exc), EXIT_FAIL)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--watch", is_flag=True, help="Live view with a progress bar (Ctrl-C to leave).")
+@click.option("--interval", default=1.0, show_default=True, help="Refresh interval for --watch.")
+@click.pass_context
+def status(ctx: click.Context, as_json: bool, watch: bool, interval: float) -> None:
+    """What the daemon is doing now."""
+    cfg = _cfg(ctx)
+    from mhd.render import render_status
+
+    if as_json:
+        click.echo(json.dumps(_ask(cfg, "status")["status"], indent=2))
+        return
+    if not watch:
+        from rich.console import Console
+
+        Console().print(render_status(_ask(cfg, "status")["status"]))
+        return
+    from rich.live import Live
+
+    with Live(render_status(_ask(cfg, "status")["status"]), refresh_per_second=4) as live:
+        try:
+            while True:
+                time.sleep(interval)
+                live.update(render_status(_ask(cfg, "status")["status"]))
+        except KeyboardInterrupt:
+            pass
+
+
+@main.command()
+@click.pass_context
+def train(ctx: click.Context) -> None:
+    """Start a retraining run now (whatever the threshold says)."""
+    resp = _ask(_cfg(ctx), "train")
+    if not resp.get("ok"):
+        _die(resp.get("error", "could not start a run"), EXIT_FAIL)
+    click.echo(f"run {resp['run_id']} started")
+
+
+@main.command()
+@click.pass_context
+def cancel(ctx: click.Context) -> None:
+    """Cancel the active run: its pod is terminated, the outcome recorded as cancelled."""
+    resp = _ask(_cfg(ctx), "cancel")
+    if not resp.get("ok"):
+        _die(resp.get("error", "nothing cancelled"), EXIT_FAIL)
+    click.echo(f"run {resp['run_id']}: cancelling (pod will be terminated)")
+
+
+def _store(cfg: Config) -> Any:
+    from mhd.store import Store, StoreError
+
+    try:
+        return Store(cfg.db_path_url)
+    except StoreError as exc:
+        _die(str(exc), EXIT_FAIL)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--limit", default=20, show_default=True)
+@click.pass_context
+def runs(ctx: click.Context, as_json: bool, limit: int) -> None:
+    """Run history (read from the DB; works without the daemon)."""
+    from mhd.render import render_runs
+    from mhd.views import runs_list
+
+    data = runs_list(_store(_cfg(ctx)), limit)
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+    else:
+        from rich.console import Console
+
+        Console().print(render_runs(data))
+
+
+def _find_run(cfg: Config, run_id: str | None) -> Any:
+    store = _store(cfg)
+    if run_id is None:
+        run = store.last_run()
+    else:
+        run = store.get_run(run_id) or store.find_run(run_id)
+    if run is None:
+        _die(f"no run {run_id or '(none yet)'} in {cfg.db_path_url}", EXIT_FAIL)
+    return run
+
+
+@main.command()
+@click.argument("run_id", required=False)
+@click.option("--lines", "-n", default=200, show_default=True, help="Lines of the trainer log to show.")
+@click.pass_context
+def logs(ctx: click.Context, run_id: str | None, lines: int) -> None:
+    """The run's journal, its log and the tail of the trainer's log."""
+    cfg = _cfg(ctx)
+    run = _find_run(cfg, run_id)
+    store = _store(cfg)
+    click.echo(f"# run {run.id} ({run.state.value}, {run.outcome.value if run.outcome else 'active'})")
+    for t in store.journal(run.id):
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t.at))
+        click.echo(f"{when}  {t.from_state.value:>12} → {t.to_state.value:<12} {t.reason}")
+    for name in ("run.log", "train.log"):
+        path = cfg.runs_dir / run.id / name
+        if path.exists():
+            click.echo(f"\n# {name}")
+            text = path.read_text(errors="replace").splitlines()
+            click.echo("\n".join(text[-lines:] if name == "train.log" else text))
+
+
+@main.command()
+@click.argument("run_id")
+@click.pass_context
+def merge(ctx: click.Context, run_id: str) -> None:
+    """Retry merging a run's fetched adapter (e.g. after `merge_failed`)."""
+    cfg = _cfg(ctx)
+    run = _find_run(cfg, run_id)
+    from mhd.merge import merge_run
+    from mhd.states.model import Outcome
+
+    store = _store(cfg)
+    adapter = cfg.runs_dir / run.id / "output" / "adapter"
+    if not adapter.exists():
+        _die(f"run {run.id} has no fetched adapter at {adapter}", EXIT_FAIL)
+    try:
+        model = asyncio.run(merge_run(cfg, store, run.id, adapter, lambda line: click.echo(f"  {line}")))
+    except MhdError as exc:
+        _die(f"merge of run {run.id} failed: {exc}", EXIT_FAIL)
+    manifest = json.loads((cfg.runs_dir / run.id / "input" / "dataset_manifest.json").read_text())
+    store.mark_trained(manifest.get("memory_keys") or [], run.id)
+    store.update_run(run.id, outcome=Outcome.SUCCEEDED, error=None, model_name=model)
+    store.add_event(run.id, "merge", f"merged by hand: {model}")
+    click.echo(f"run {run.id}: model {model}")
+
+
+@main.command()
+@click.argument("run_id", required=False)
+@click.pass_context
+def rollback(ctx: click.Context, run_id: str | None) -> None:
+    """Point the alias back at the previous (or the named) run's model."""
+    cfg = _cfg(ctx)
+    from mhd.merge import rollback as do_rollback
+
+    if run_id is not None:
+        run_id = _find_run(cfg, run_id).id
+    try:
+        name = asyncio.run(do_rollback(cfg, _store(cfg), run_id))
+    except MhdError as exc:
+        _die(str(exc), EXIT_FAIL)
+    click.echo(f"{cfg.merge.model_prefix}:latest now points at {name}")
+
+
+@main.command()
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder to write into.")
+@click.pass_context
+def dataset(ctx: click.Context, out: Path) -> None:
+    """Build the training dataset from memory_dir without training (for inspection)."""
+    cfg = _cfg(ctx)
+    from mhd.dataset.build import build_dataset
+
+    try:
+        manifest = build_dataset(cfg.memory_dir, out, cfg.dataset)
+    except MhdError as exc:
+        _die(str(exc), EXIT_FAIL)
+    click.echo(f"{manifest['samples']} samples from {manifest['memories_read']} memories → {out}/dataset.jsonl")
+    for reason, n in sorted((manifest.get("rejects") or {}).items()):
+        click.echo(f"  rejected {n:>5}  {reason}")
+
+
+@main.command()
+@click.pass_context
+def doctor(ctx: click.Context) -> None:
+    """Check the setup; one line per check, with a fix for each failure."""
+    obj = ctx.ensure_object(dict)
+    from mhd.doctor import run_checks
+
+    sys.exit(run_checks(obj.get("config_path")))
+
+
+if __name__ == "__main__":
+    main()

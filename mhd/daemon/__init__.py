@@ -1,0 +1,1 @@
+"""The long-running service: assembly, watcher, triggers, control socket, client."""

@@ -1,0 +1,256 @@
+"""Assembly of the daemon: one asyncio process, every subsystem in one AsyncExitStack.
+
+SIGTERM/SIGINT stop it cleanly without touching the pod: the run's state is already committed,
+and the next start re-enters it (reattaching to a training that kept going meanwhile).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from contextlib import AsyncExitStack
+from typing import Any
+
+from mhd import __version__
+from mhd.config import Config
+from mhd.daemon.control import ControlServer
+from mhd.daemon.notify import sd_notify, watchdog_interval
+from mhd.daemon.providers import build_connector, build_provider
+from mhd.daemon.triggers import Triggers
+from mhd.daemon.watcher import MemoryIndex, Watcher
+from mhd.remote.provider import Provider
+from mhd.states.context import RunContext
+from mhd.states.runner import Runner
+from mhd.store import Store, StoreError
+from mhd.views import status_snapshot
+
+log = logging.getLogger("mhd")
+
+
+class JournalFormatter(logging.Formatter):
+    """stderr lines journald understands: a ``<priority>`` prefix when run under systemd."""
+
+    PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+    def __init__(self, journal: bool) -> None:
+        fmt = "%(name)s: %(message)s" if journal else "%(asctime)s %(levelname)s %(name)s: %(message)s"
+        super().__init__(fmt)
+        self.journal = journal
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        if self.journal:
+            return f"<{self.PRIORITY.get(record.levelno, 6)}>" + text.replace("\n", "\n  ")
+        return text
+
+
+def setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JournalFormatter(journal=bool(os.environ.get("JOURNAL_STREAM"))))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    for noisy in ("asyncssh", "apscheduler", "watchdog", "httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
+
+
+class Daemon:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.started = time.time()
+        self.store = Store(cfg.db_path_url)
+        self.index = MemoryIndex(cfg.memory_dir, self.store, cfg.dataset)
+        self.kick = asyncio.Event()
+        self.stopping = asyncio.Event()
+        self.current: asyncio.Task[Any] | None = None
+        self.ctx: RunContext | None = None
+        self.provider: Provider | None = None
+        self.triggers = Triggers(
+            threshold=cfg.threshold, debounce_s=cfg.debounce_s, schedule=cfg.schedule,
+            pending=lambda: self.index.pending, busy=self.busy, start=self.start_run,
+        )
+
+    # Control ---------------------------------------------------------------------------------
+    def busy(self) -> bool:
+        return self.store.active_run() is not None
+
+    def start_run(self, trigger: str) -> str | None:
+        try:
+            run = self.store.create_run(trigger, self.cfg.provider)
+        except StoreError as exc:
+            log.info("not starting a %s run: %s", trigger, exc)
+            return None
+        log.info("run %s created (trigger: %s, %d memories pending)", run.id, trigger, self.index.pending)
+        self.kick.set()
+        return run.id
+
+    def status(self) -> dict[str, Any]:
+        return status_snapshot(
+            self.store, pending=self.index.pending, threshold=self.cfg.threshold,
+            daemon={"pid": os.getpid(), "version": __version__, "uptime_s": round(time.time() - self.started, 1),
+                    "provider": self.cfg.provider, "memory_dir": str(self.cfg.memory_dir)},
+            schedule=self.cfg.schedule, next_schedule_at=self.triggers.next_schedule_at(),
+        )
+
+    async def handle(self, req: dict[str, Any]) -> dict[str, Any]:
+        cmd = req.get("cmd")
+        if cmd == "status":
+            return {"ok": True, "status": self.status()}
+        if cmd == "ping":
+            return {"ok": True, "pid": os.getpid()}
+        if cmd == "train":
+            active = self.store.active_run()
+            if active is not None:
+                return {"ok": False, "error": f"run {active.id} is already active ({active.state.value})"}
+            run_id = self.start_run("manual")
+            return {"ok": run_id is not None, "run_id": run_id}
+        if cmd == "cancel":
+            active = self.store.active_run()
+            if active is None:
+                return {"ok": False, "error": "no active run to cancel"}
+            self.store.request_cancel(active.id)
+            if self.ctx is not None:
+                self.ctx.wake.set()
+            return {"ok": True, "run_id": active.id}
+        return {"ok": False, "error": f"unknown command {cmd!r}"}
+
+    # Lifecycle -------------------------------------------------------------------------------
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+        async with AsyncExitStack() as stack:
+            stack.callback(self.store.close)
+            provider, remote_root = build_provider(self.cfg)
+            self.provider = provider
+            stack.push_async_callback(provider.aclose)
+            self.ctx = RunContext(cfg=self.cfg, store=self.store, provider=provider,
+                                  connector=build_connector(self.cfg), remote_root=remote_root,
+                                  log=logging.getLogger("mhd.run"), on_trained=self.index.mark_trained)
+
+            watcher = Watcher(self.index, self.triggers.changed)
+            watcher.start_observer()  # before the rescan: nothing written meanwhile is missed
+            stack.push_async_callback(watcher.stop)
+            await watcher.rescan()
+            watcher.start_consumer()
+
+            control = ControlServer(self.cfg.socket_path, self.handle, self.cfg.socket_group)
+            await control.start()
+            stack.push_async_callback(control.stop)
+
+            self.triggers.start_scheduler()
+            stack.callback(self.triggers.stop)
+            await self._start_web(stack)
+
+            tasks = [asyncio.create_task(self._reaper(), name="reaper"),
+                     asyncio.create_task(self._flush_cache(), name="cache-flush")]
+            if (interval := watchdog_interval()) is not None:
+                tasks.append(asyncio.create_task(self._watchdog(interval), name="watchdog"))
+            stack.push_async_callback(_cancel_all, tasks)
+
+            sd_notify(f"READY=1\nSTATUS=watching {self.cfg.memory_dir}, {self.index.pending} pending")
+            log.info("mhd %s ready: provider %s, %d memories pending (threshold %d), socket %s",
+                     __version__, self.cfg.provider, self.index.pending, self.cfg.threshold,
+                     self.cfg.socket_path)
+            self.triggers.changed()
+            await self._main_loop()
+            sd_notify("STOPPING=1")
+            log.info("stopping (SIGTERM): the active run, if any, resumes on next start")
+        return 0
+
+    async def _main_loop(self) -> None:
+        assert self.ctx is not None
+        runner = Runner(self.ctx)
+        stop = asyncio.create_task(self.stopping.wait())
+        try:
+            while not self.stopping.is_set():
+                run = self.store.active_run()
+                if run is None:
+                    self.kick.clear()
+                    kicked = asyncio.create_task(self.kick.wait())
+                    await asyncio.wait({kicked, stop}, return_when=asyncio.FIRST_COMPLETED)
+                    kicked.cancel()
+                    continue
+                self.current = asyncio.create_task(runner.drive(run), name=f"run-{run.id}")
+                await asyncio.wait({self.current, stop}, return_when=asyncio.FIRST_COMPLETED)
+                if self.current.done():
+                    try:
+                        final = self.current.result()
+                        log.info("run %s finished: %s", final.id, final.outcome.value if final.outcome else "?")
+                    except Exception:  # noqa: BLE001 - the runner classifies; this is a last guard
+                        log.exception("run %s: runner crashed; retrying in 5 s", run.id)
+                        await asyncio.wait({stop}, timeout=5)
+                    self.current = None
+                    self.triggers.changed()
+        finally:
+            stop.cancel()
+            if self.current is not None and not self.current.done():
+                self.current.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await self.current
+            if self.ctx is not None:
+                await self.ctx.drop_session()
+
+    async def _start_web(self, stack: AsyncExitStack) -> None:
+        if not self.cfg.web.enabled:
+            return
+        try:
+            from mhd.web.server import WebServer
+        except ImportError:
+            return
+        web = WebServer(self.cfg.web, self.store, self.status)
+        await web.start()
+        stack.push_async_callback(web.stop)
+
+    async def _reaper(self) -> None:
+        from mhd.remote.reaper import reap
+
+        assert self.provider is not None
+        provider = self.provider
+
+        def owned() -> set[str]:
+            run = self.store.active_run()
+            return {run.pod_id} if run is not None and run.pod_id else set()
+
+        while True:
+            # A run that is still Provisioning may be about to adopt its pod: never reap then.
+            run = self.store.active_run()
+            if run is None or run.pod_id:
+                try:
+                    reaped = await reap(provider, owned, logging.getLogger("mhd.reaper"))
+                    for pod in reaped:
+                        self.store.pod_terminated(pod.id, note="reaped: no active run owned it")
+                        self.store.add_event(None, "reaped", f"{pod.name} ({pod.id})")
+                except Exception:  # noqa: BLE001 - the reaper must outlive provider hiccups
+                    log.exception("reaper failed; will try again")
+            await asyncio.sleep(self.cfg.runpod.reap_interval_s)
+
+    async def _flush_cache(self) -> None:
+        while True:
+            await asyncio.sleep(5)
+            await asyncio.to_thread(self.index.flush)
+
+    async def _watchdog(self, interval: float) -> None:
+        while True:
+            sd_notify("WATCHDOG=1")
+            await asyncio.sleep(interval)
+
+
+async def _cancel_all(tasks: list[asyncio.Task[Any]]) -> None:
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def run_daemon(cfg: Config) -> int:
+    setup_logging(cfg.log_level)
+    return asyncio.run(_amain(cfg))
+
+
+async def _amain(cfg: Config) -> int:
+    return await Daemon(cfg).run()

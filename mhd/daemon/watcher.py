@@ -1,0 +1,254 @@
+"""Which memories are new: a path → content-key index fed by a startup rescan and watchdog events.
+
+Memories are counted by content key (``mhd.dataset.memories.Memory.key``), so a rewrite or a
+rename of the same memory never counts twice. The index caches (mtime, size, key) per path in
+the DB so a warm rescan only stats files. Half-written files (``NotReady``) are re-read later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+
+from mhd.config import DatasetConfig
+from mhd.dataset.memories import Memory, NotReady, iter_memory_files, read_memory
+from mhd.store import Store
+
+log = logging.getLogger(__name__)
+
+SUFFIXES = (".json", ".json.enc")
+
+FileInfo = tuple[int, int, str | None]  # mtime_ns, size, key (None: not a usable memory)
+
+
+def is_memory_path(path: str) -> bool:
+    return path.endswith(SUFFIXES) and not os.path.basename(path).startswith(".")
+
+
+@dataclass
+class ScanResult:
+    files: dict[str, FileInfo]
+    not_ready: set[str]
+    parsed: int
+    cached: int
+    dirty: dict[str, FileInfo] = field(default_factory=dict)
+    removed: list[str] = field(default_factory=list)
+
+
+def scan(root: Path, cache: dict[str, FileInfo], cfg: DatasetConfig) -> ScanResult:
+    """Walk ``root``; re-read only files whose (mtime, size) changed since the cache."""
+    files: dict[str, FileInfo] = {}
+    dirty: dict[str, FileInfo] = {}
+    not_ready: set[str] = set()
+    parsed = cached = 0
+    for path in iter_memory_files(root):
+        p = str(path)
+        try:
+            st = path.stat()
+        except OSError:
+            continue
+        hit = cache.get(p)
+        if hit is not None and hit[0] == st.st_mtime_ns and hit[1] == st.st_size:
+            files[p] = hit
+            cached += 1
+            continue
+        parsed += 1
+        result = read_memory(path, root, max_bytes=cfg.max_file_bytes, not_ready_grace_s=cfg.not_ready_grace_s)
+        if isinstance(result, NotReady):
+            not_ready.add(p)
+            continue
+        info = (st.st_mtime_ns, st.st_size, result.key if isinstance(result, Memory) else None)
+        files[p] = info
+        dirty[p] = info
+    removed = [p for p in cache if p not in files]
+    return ScanResult(files, not_ready, parsed, cached, dirty, removed)
+
+
+class MemoryIndex:
+    """Counts pending (untrained) memories; owned by the event loop thread."""
+
+    def __init__(self, root: Path, store: Store, cfg: DatasetConfig) -> None:
+        self.root = root
+        self.store = store
+        self.cfg = cfg
+        self.files: dict[str, FileInfo] = {}
+        self.refs: Counter[str] = Counter()
+        self.trained: set[str] = set()
+        self.pending_keys: set[str] = set()
+        self.not_ready: set[str] = set()
+        self._dirty: dict[str, FileInfo] = {}
+        self._removed: set[str] = set()
+
+    @property
+    def pending(self) -> int:
+        return len(self.pending_keys)
+
+    def rescan_blocking(self) -> ScanResult:
+        """Thread-safe part of the startup rescan (reads files and the DB, touches no state)."""
+        cache = self.store.file_cache()
+        result = scan(self.root, cache, self.cfg)
+        self.store.save_file_cache(result.dirty, result.removed)
+        return result
+
+    def install(self, result: ScanResult) -> None:
+        self.trained = self.store.trained_keys()
+        self.files = dict(result.files)
+        self.refs = Counter(k for (_, _, k) in self.files.values() if k)
+        self.pending_keys = {k for k in self.refs if k not in self.trained}
+        self.not_ready = set(result.not_ready)
+
+    def _drop(self, p: str) -> None:
+        old = self.files.pop(p, None)
+        if old and old[2]:
+            self.refs[old[2]] -= 1
+            if self.refs[old[2]] <= 0:
+                del self.refs[old[2]]
+                self.pending_keys.discard(old[2])
+
+    def _add(self, p: str, info: FileInfo) -> None:
+        self.files[p] = info
+        key = info[2]
+        if key:
+            self.refs[key] += 1
+            if key not in self.trained:
+                self.pending_keys.add(key)
+
+    def update(self, path: str) -> bool:
+        """Re-read one path after an event; returns True if it is still not ready (retry later)."""
+        before = self.pending
+        self._drop(path)
+        self.not_ready.discard(path)
+        p = Path(path)
+        try:
+            st = p.stat()
+        except OSError:
+            self._removed.add(path)
+            return False
+        result = read_memory(p, self.root, max_bytes=self.cfg.max_file_bytes,
+                             not_ready_grace_s=self.cfg.not_ready_grace_s)
+        if isinstance(result, NotReady):
+            self.not_ready.add(path)
+            return True
+        info = (st.st_mtime_ns, st.st_size, result.key if isinstance(result, Memory) else None)
+        self._add(path, info)
+        self._dirty[path] = info
+        self._removed.discard(path)
+        if self.pending != before:
+            log.debug("pending memories: %d", self.pending)
+        return False
+
+    def remove(self, path: str) -> None:
+        self._drop(path)
+        self.not_ready.discard(path)
+        self._removed.add(path)
+
+    def mark_trained(self, keys: Iterable[str]) -> None:
+        for k in keys:
+            self.trained.add(k)
+            self.pending_keys.discard(k)
+
+    def flush(self) -> None:
+        """Persist the (mtime, size, key) cache; only speeds up the next rescan."""
+        if self._dirty or self._removed:
+            dirty, removed = self._dirty, self._removed
+            self._dirty, self._removed = {}, set()
+            self.store.save_file_cache(dirty, removed)
+
+
+class _Handler(FileSystemEventHandler):
+    def __init__(self, emit: Callable[[str, str], None]) -> None:
+        self.emit = emit
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.is_directory:
+            if event.event_type in ("created", "moved"):
+                # A folder moved in (or created with files already inside) brings its files along.
+                self.emit("dir", str(getattr(event, "dest_path", "") or event.src_path))
+            return
+        src = str(event.src_path)
+        if event.event_type in ("created", "modified", "closed"):
+            if is_memory_path(src):
+                self.emit("update", src)
+        elif event.event_type == "moved":
+            dest = str(getattr(event, "dest_path", ""))
+            if is_memory_path(src):
+                self.emit("remove", src)
+            if dest and is_memory_path(dest):
+                self.emit("update", dest)
+        elif event.event_type == "deleted" and is_memory_path(src):
+            self.emit("remove", src)
+
+
+class Watcher:
+    """watchdog's thread hands events to the loop; the loop updates the index."""
+
+    def __init__(self, index: MemoryIndex, on_change: Callable[[], None], retry_after: float = 2.0) -> None:
+        self.index = index
+        self.on_change = on_change
+        self.retry_after = retry_after
+        self.queue: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
+        self.observer: Observer | None = None  # type: ignore[valid-type]
+        self._task: asyncio.Task[None] | None = None
+
+    def start_observer(self) -> None:
+        loop = asyncio.get_running_loop()
+
+        def emit(kind: str, path: str) -> None:
+            loop.call_soon_threadsafe(self.queue.put_nowait, (kind, path))
+
+        self.index.root.mkdir(parents=True, exist_ok=True)
+        observer = Observer()
+        observer.schedule(_Handler(emit), str(self.index.root), recursive=True)
+        observer.daemon = True
+        observer.start()
+        self.observer = observer
+
+    async def rescan(self) -> ScanResult:
+        result = await asyncio.to_thread(self.index.rescan_blocking)
+        self.index.install(result)
+        log.info("rescan of %s: %d memory files (%d parsed, %d cached), %d pending, %d not ready yet",
+                 self.index.root, len(result.files), result.parsed, result.cached, self.index.pending,
+                 len(result.not_ready))
+        for p in result.not_ready:
+            self._retry_later(p)
+        return result
+
+    def start_consumer(self) -> None:
+        self._task = asyncio.create_task(self._consume(), name="watcher")
+
+    def _retry_later(self, path: str) -> None:
+        loop = asyncio.get_running_loop()
+        loop.call_later(self.retry_after, self.queue.put_nowait, ("update", path))
+
+    async def _consume(self) -> None:
+        while True:
+            kind, path = await self.queue.get()
+            try:
+                if kind == "remove":
+                    self.index.remove(path)
+                elif kind == "dir":
+                    for p in iter_memory_files(Path(path)):
+                        if self.index.update(str(p)):
+                            self._retry_later(str(p))
+                elif self.index.update(path):
+                    self._retry_later(path)
+            except Exception:  # noqa: BLE001 - one odd file must never stop the watcher
+                log.exception("watcher: could not handle %s %s", kind, path)
+            if self.queue.empty():
+                self.on_change()
+
+    async def stop(self) -> None:
+        if self.observer is not None:
+            self.observer.stop()
+            await asyncio.to_thread(self.observer.join, 5)
+        if self._task is not None:
+            self._task.cancel()
+        self.index.flush()

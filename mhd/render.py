@@ -1,0 +1,83 @@
+"""Terminal views (rich) of the status and run history."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from rich.console import Group
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
+
+SPARKS = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: list[float], width: int = 40) -> str:
+    if not values:
+        return ""
+    if len(values) > width:
+        step = len(values) / width
+        values = [values[int(i * step)] for i in range(width)]
+    lo, hi = min(values), max(values)
+    span = (hi - lo) or 1.0
+    return "".join(SPARKS[min(len(SPARKS) - 1, int((v - lo) / span * (len(SPARKS) - 1)))] for v in values)
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    h, rem = divmod(s, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def render_status(st: dict[str, Any]) -> Group:
+    t = Table.grid(padding=(0, 2))
+    t.add_column(style="bold")
+    t.add_column()
+    t.add_row("state", Text(st["state"], style="green" if st["state"] == "Idle" else "yellow"))
+    t.add_row("pending memories", f"{st['pending_memories']} / threshold {st['threshold']}")
+    parts: list[Any] = [t]
+    if st.get("run_id"):
+        p = st["progress"]
+        t.add_row("run", st["run_id"])
+        step, total = p.get("step"), p.get("total_steps")
+        t.add_row("step", f"{step if step is not None else '-'} / {total if total is not None else '-'}"
+                  + (f"  ({p['phase']})" if p.get("phase") and p["phase"] != "train" else ""))
+        t.add_row("loss", f"{p['loss']:.4f}" if p.get("loss") is not None else "-")
+        t.add_row("ETA", duration(p.get("eta_s")))
+        t.add_row("elapsed", duration(st.get("elapsed_s")))
+        t.add_row("cost so far", f"${st.get('cost_usd') or 0:.2f}"
+                  + (f" (${st['cost_per_hr']:.3f}/h)" if st.get("cost_per_hr") else ""))
+        gpu = st.get("gpu")
+        if gpu:
+            t.add_row("GPU", f"{gpu.get('gpu_util', '-')}% util, {gpu.get('gpu_mem_used', '-')}"
+                             f"/{gpu.get('gpu_mem_total', '-')} MiB")
+        if st.get("loss_history"):
+            t.add_row("loss curve", sparkline(st["loss_history"]))
+        if step is not None and total:
+            parts.append(ProgressBar(total=float(total), completed=float(step), width=50))
+    elif st.get("last_run"):
+        last = st["last_run"]
+        t.add_row("last run", f"{last['id']}: {last['outcome'] or last['state']}"
+                  + (f" — {last['error']}" if last.get("error") else ""))
+    if st.get("next_schedule_at"):
+        t.add_row("next scheduled", time.strftime("%Y-%m-%d %H:%M", time.localtime(st["next_schedule_at"])))
+    return Group(*parts)
+
+
+def render_runs(runs: list[dict[str, Any]]) -> Table:
+    t = Table(title="mhd runs")
+    for col in ("run", "trigger", "outcome", "duration", "pod time", "cost", "samples", "loss", "model"):
+        t.add_column(col)
+    for r in runs:
+        outcome = r["outcome"] or f"({r['state']})"
+        if r.get("events"):
+            outcome += " ↺" * len(r["events"])
+        model = (r.get("model_name") or "-") + (" *" if r.get("model_active") else "")
+        t.add_row(r["id"], r["trigger"], outcome, duration(r["duration_s"]), duration(r["billed_s"]),
+                  f"${r['cost_usd']:.2f}", str(r["samples"] if r["samples"] is not None else "-"),
+                  f"{r['final_loss']:.3f}" if r.get("final_loss") is not None else "-", model)
+    return t

@@ -1,0 +1,108 @@
+"""Provisioning: build the dataset (local, idempotent), then adopt or rent the pod.
+
+The pod's name is derived from the run id, and ``find`` runs before ``create``: a crash between
+the provider's answer and our DB write leads to adoption, never to a second pod.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from mhd.errors import NoSamples
+from mhd.remote.job import LAUNCHER, POD_FILES_DIR
+from mhd.remote.provider import Pod, pod_name
+from mhd.states.context import RunContext
+from mhd.states.machine import RunMachine
+from mhd.store import Run, now
+
+TRAINER = "train.py"
+
+
+def trainer_config(ctx: RunContext) -> dict[str, Any]:
+    t = ctx.cfg.training
+    data = t.model_dump(mode="json", exclude={"script", "python", "extra"})
+    data.update(t.extra)
+    return data
+
+
+def job_env(ctx: RunContext) -> str:
+    env = {"MHD_PYTHON": ctx.cfg.training.python, "MHD_TRAINER": TRAINER, "PYTHONUNBUFFERED": "1"}
+    # Secrets the trainer may need travel only in this 0600 file, never on a command line.
+    for name in ("HF_TOKEN",):
+        if os.environ.get(name):
+            env[name] = os.environ[name]
+    return "".join(f"{k}={_sh_quote(v)}\n" for k, v in env.items())
+
+
+def _sh_quote(v: str) -> str:
+    return "'" + v.replace("'", "'\"'\"'") + "'"
+
+
+def _build_inputs(ctx: RunContext, run: Run) -> dict[str, Any]:
+    from mhd.dataset.build import build_dataset
+
+    inputs = ctx.run_dir(run) / "input"
+    manifest_path = inputs / "dataset_manifest.json"
+    if manifest_path.exists():
+        return dict(json.loads(manifest_path.read_text()))
+    staging = ctx.run_dir(run) / "input.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    manifest = build_dataset(ctx.cfg.memory_dir, staging, ctx.cfg.dataset)
+    (staging / "config.json").write_text(json.dumps(trainer_config(ctx), indent=2))
+    script = ctx.cfg.training.script or POD_FILES_DIR / TRAINER
+    shutil.copyfile(script, staging / TRAINER)
+    shutil.copyfile(POD_FILES_DIR / LAUNCHER, staging / LAUNCHER)
+    env_path = staging / "job.env"
+    env_path.touch(mode=0o600)
+    env_path.write_text(job_env(ctx))
+    # The folder appears whole or not at all: a crash mid-build rebuilds from scratch.
+    shutil.rmtree(inputs, ignore_errors=True)
+    os.replace(staging, inputs)
+    return dict(manifest)
+
+
+async def act(ctx: RunContext, m: RunMachine) -> None:
+    run = ctx.check(m.run.id)
+    manifest = await asyncio.to_thread(_build_inputs, ctx, run)
+    report = {k: manifest.get(k) for k in ("samples", "eval_samples", "memories_read", "rejects",
+                                            "not_ready", "by_type", "time_range")}
+    run = ctx.store.update_run(run.id, samples=int(manifest.get("samples") or 0),
+                               dataset_sha256=manifest.get("sha256"), report_json=json.dumps(report))
+    if not run.samples:
+        raise NoSamples(f"no usable training sample in {ctx.cfg.memory_dir} "
+                        f"(rejects: {manifest.get('rejects') or {}}); no pod was rented")
+
+    name = pod_name(run.id)
+    pod: Pod | None = None
+    how = "adopted"
+    if run.pod_id:
+        pod = await ctx.provider.get(run.pod_id)
+        if pod is not None and pod.gone:
+            ctx.log.warning("run %s: pod %s is %s; renting a new one", run.id, pod.id, pod.status)
+            ctx.store.pod_terminated(pod.id, note=f"found {pod.status}")
+            pod = None
+    if pod is None:
+        pod = await ctx.provider.find(name)
+    if pod is None:
+        pod = await ctx.provider.create(name)
+        how = "created"
+    # Persist the moment we know it (find-before-create covers a crash right before this line).
+    ctx.store.record_pod(pod.id, run.id, ctx.provider.name, pod.name)
+    run = ctx.store.update_run(
+        run.id, pod_id=pod.id, pod_name=pod.name, gpu_type=pod.gpu_type,
+        cost_per_hr=pod.cost_per_hr if pod.cost_per_hr is not None else run.cost_per_hr,
+        pod_started_at=run.pod_started_at or now(), pod_stopped_at=None,
+        remote_dir=f"{ctx.remote_root.rstrip('/')}/runs/{pod.name}",
+    )
+    ctx.append_log(run, f"pod {pod.id} {how} ({pod.gpu_type or '?'}, ${pod.cost_per_hr or 0:.3f}/h)")
+    m.fire("provisioned", reason=f"pod {pod.id} {how}")
+
+
+def input_files(ctx: RunContext, run: Run) -> list[Path]:
+    return sorted(p for p in (ctx.run_dir(run) / "input").iterdir() if p.is_file())

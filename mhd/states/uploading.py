@@ -1,0 +1,32 @@
+"""Uploading: each input file to a temp name, sha256-checked remotely, renamed; matches skipped."""
+
+from __future__ import annotations
+
+import shlex
+
+from mhd.errors import RemoteError
+from mhd.states.context import RunContext, sha256_path
+from mhd.states.machine import RunMachine
+from mhd.states.provisioning import input_files
+
+
+async def act(ctx: RunContext, m: RunMachine) -> None:
+    run = ctx.check(m.run.id)
+    session = ctx.require_session()
+    remote = ctx.remote_dir(run)
+    res = await session.run(f"mkdir -p {shlex.quote(remote)}")
+    if res.exit_status != 0:
+        raise RemoteError(f"cannot create {remote} on the pod: {res.stderr.strip()}")
+    sent = skipped = 0
+    for path in input_files(ctx, run):
+        target = f"{remote}/{path.name}"
+        if path.name == "job.env":
+            await session.write_file(target, path.read_bytes(), mode=0o600)
+            continue
+        if await session.upload(path, target, sha256_path(path)):
+            sent += 1
+        else:
+            skipped += 1
+        ctx.check(run.id)
+    ctx.append_log(run, f"uploaded {sent} file(s), {skipped} already on the pod")
+    m.fire("uploaded", reason=f"{sent} sent, {skipped} already there")

@@ -1,0 +1,103 @@
+"""JSON views of runs and of the daemon's status — one source for the CLI, socket and web page."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mhd.states.model import RunState
+from mhd.store import Run, Store, now
+
+PROGRESS_KEYS = ("step", "total_steps", "epoch", "loss", "eta_s", "phase")
+
+
+def progress_dict(run: Run | None) -> dict[str, Any]:
+    if run is None:
+        return {k: None for k in PROGRESS_KEYS}
+    return {k: getattr(run, k) for k in PROGRESS_KEYS}
+
+
+def run_dict(run: Run, at: float | None = None) -> dict[str, Any]:
+    at = at or now()
+    end = run.finished_at or at
+    return {
+        "id": run.id,
+        "state": run.state.value,
+        "trigger": run.trigger,
+        "provider": run.provider,
+        "outcome": run.outcome.value if run.outcome else None,
+        "error": run.error,
+        "created_at": run.created_at,
+        "finished_at": run.finished_at,
+        "duration_s": round(end - run.created_at, 3),
+        "state_entered_at": run.state_entered_at,
+        "pod_id": run.pod_id,
+        "gpu_type": run.gpu_type,
+        "cost_per_hr": run.cost_per_hr,
+        "billed_s": round(run.billed_s(at), 3),
+        "fetch_s": round(run.fetch_s or 0.0, 3),
+        "cost_usd": round(run.cost_usd(at), 4),
+        "samples": run.samples,
+        "report": run.report,
+        "progress": progress_dict(run),
+        "final_loss": run.loss,
+        "job_launches": run.job_launches,
+        "adapter_sha256": run.adapter_sha256,
+        "model_name": run.model_name,
+    }
+
+
+def gpu_dict(store: Store, run: Run | None) -> dict[str, Any] | None:
+    if run is None:
+        return None
+    for p in reversed(store.progress(run.id)):
+        if p.gpu_util is not None or p.gpu_mem_used is not None:
+            return {"gpu_util": p.gpu_util, "gpu_mem_used": p.gpu_mem_used, "gpu_mem_total": p.gpu_mem_total}
+    return None
+
+
+def loss_history(store: Store, run: Run | None, limit: int = 200) -> list[float]:
+    if run is None:
+        return []
+    losses = [p.loss for p in store.progress(run.id) if p.loss is not None]
+    return losses[-limit:]
+
+
+def status_snapshot(store: Store, *, pending: int, threshold: int, daemon: dict[str, Any],
+                    schedule: str | None = None, next_schedule_at: float | None = None) -> dict[str, Any]:
+    at = now()
+    run = store.active_run()
+    last = None if run else store.last_run()
+    return {
+        "state": run.state.value if run else RunState.IDLE.value,
+        "run_id": run.id if run else None,
+        "pending_memories": pending,
+        "threshold": threshold,
+        "progress": progress_dict(run),
+        "elapsed_s": round(at - run.created_at, 3) if run else None,
+        "cost_usd": round(run.cost_usd(at), 4) if run else None,
+        "cost_per_hr": run.cost_per_hr if run else None,
+        "billed_s": round(run.billed_s(at), 3) if run else None,
+        "gpu": gpu_dict(store, run),
+        "loss_history": loss_history(store, run),
+        "run": run_dict(run, at) if run else None,
+        "last_run": run_dict(last, at) if last else None,
+        "schedule": schedule,
+        "next_schedule_at": next_schedule_at,
+        "daemon": daemon,
+        "time": at,
+    }
+
+
+def runs_list(store: Store, limit: int = 20) -> list[dict[str, Any]]:
+    at = now()
+    events = {}
+    for e in store.events(kind="rollback"):
+        events.setdefault(e.run_id, []).append({"kind": e.kind, "detail": e.detail, "at": e.at})
+    active = {m.name for m in store.models() if m.active}
+    out = []
+    for r in store.list_runs(limit):
+        d = run_dict(r, at)
+        d["model_active"] = bool(r.model_name and r.model_name in active)
+        d["events"] = events.get(r.id, [])
+        out.append(d)
+    return out
