@@ -1,0 +1,1 @@
+"""Developer tools: synthetic memories and a tiny offline model for tests and the demo."""
