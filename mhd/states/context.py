@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,22 @@ from mhd.remote.session import Session
 from mhd.store import Run, Store
 
 Connector = Callable[[Run, Endpoint], Awaitable[tuple[Session, str | None]]]
+
+
+def _debug_pauses() -> dict[str, float]:
+    """``MHD_DEBUG_PAUSE="Training=3,Provisioning.created=5"``: fault-injection pauses.
+
+    Tests use them to SIGKILL the daemon at a precise point (e.g. after the provider created a
+    pod but before the DB knows it). Unset in production, where every point costs nothing.
+    """
+    out: dict[str, float] = {}
+    for item in os.environ.get("MHD_DEBUG_PAUSE", "").split(","):
+        name, _, secs = item.partition("=")
+        try:
+            out[name.strip()] = float(secs)
+        except ValueError:
+            continue
+    return out
 
 
 class NoSession(ConnectionLost):
@@ -34,6 +51,12 @@ class RunContext:
     session: Session | None = None
     on_trained: Callable[[Iterable[str]], None] = lambda keys: None
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+    pauses: dict[str, float] = field(default_factory=_debug_pauses)
+
+    async def fault_point(self, name: str) -> None:
+        if name in self.pauses:
+            self.log.warning("debug pause at %s for %.1fs (MHD_DEBUG_PAUSE)", name, self.pauses[name])
+            await asyncio.sleep(self.pauses[name])
 
     def run_dir(self, run: Run) -> Path:
         """Local folder for this run: input/ (dataset), output/ (fetched), logs."""

@@ -89,8 +89,11 @@ async def _download(ctx: RunContext, run: Run, out: Path) -> list[ManifestFile]:
     try:
         for f in files:
             # Each file was verified against the manifest's sha256 before it is moved into place.
-            total += await job.session.download(job.path(f.path), out / f.path, f.sha256, f.size)
+            got = await job.session.download(job.path(f.path), out / f.path, f.sha256, f.size)
+            total += got
+            ctx.append_log(run, f"downloaded {f.path}: {got} bytes")
             ctx.check(run.id)
+            await ctx.fault_point("Fetching.partial")
     finally:
         ctx.store.update_run(run.id, fetch_s=(run.fetch_s or 0.0) + time.monotonic() - t0)
     # Written last: its presence means every file above is complete and verified.

@@ -92,6 +92,7 @@ async def act(ctx: RunContext, m: RunMachine) -> None:
     if pod is None:
         pod = await ctx.provider.create(name)
         how = "created"
+        await ctx.fault_point("Provisioning.created")
     # Persist the moment we know it (find-before-create covers a crash right before this line).
     ctx.store.record_pod(pod.id, run.id, ctx.provider.name, pod.name)
     run = ctx.store.update_run(

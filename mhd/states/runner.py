@@ -66,6 +66,7 @@ class Runner:
         while m.state is not RunState.IDLE:
             state = m.state
             try:
+                await ctx.fault_point(state.value)
                 await ACTIONS[state](ctx, m)
             except asyncio.CancelledError:
                 raise

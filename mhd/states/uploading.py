@@ -28,5 +28,6 @@ async def act(ctx: RunContext, m: RunMachine) -> None:
         else:
             skipped += 1
         ctx.check(run.id)
+        await ctx.fault_point("Uploading.partial")
     ctx.append_log(run, f"uploaded {sent} file(s), {skipped} already on the pod")
     m.fire("uploaded", reason=f"{sent} sent, {skipped} already there")

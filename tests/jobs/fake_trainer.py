@@ -1,0 +1,69 @@
+"""A stand-in trainer that follows the remote job protocol exactly, in seconds, without torch.
+
+config.json knobs: fake_steps (10), fake_step_s (0.2), fake_adapter_bytes (262144),
+fake_exit (0), fake_checkpoint_every (2). It resumes from checkpoints/step like the real one.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--run-dir", required=True)
+    d = Path(ap.parse_args().run_dir)
+    cfg = json.loads((d / "config.json").read_text())
+    steps = int(cfg.get("fake_steps", 10))
+    step_s = float(cfg.get("fake_step_s", 0.2))
+    every = int(cfg.get("fake_checkpoint_every", 2))
+    if not (d / "dataset.jsonl").exists():
+        print("fake trainer: dataset.jsonl missing")
+        return 2
+    if (d / "manifest.json").exists():
+        print("fake trainer: manifest present, nothing to do")
+        return 0
+    ckpt = d / "checkpoints" / "step"
+    start = int(ckpt.read_text()) if ckpt.exists() else 0
+    print(f"fake trainer: pid {os.getpid()} starting at step {start}/{steps}", flush=True)
+    with (d / "progress.jsonl").open("a") as prog:
+        for step in range(start + 1, steps + 1):
+            time.sleep(step_s)
+            line = {"step": step, "total_steps": steps, "epoch": step / steps * 2, "loss": 3.0 / step,
+                    "learning_rate": 2e-4, "samples_per_s": 5.0, "eta_s": (steps - step) * step_s,
+                    "time": time.time(), "phase": "train"}
+            prog.write(json.dumps(line) + "\n")
+            prog.flush()
+            if step % every == 0:
+                ckpt.parent.mkdir(exist_ok=True)
+                tmp = ckpt.with_suffix(".tmp")
+                tmp.write_text(str(step))
+                os.replace(tmp, ckpt)
+    code = int(cfg.get("fake_exit", 0))
+    if code:
+        print(f"fake trainer: failing on purpose with {code}")
+        return code
+    ad = d / "adapter"
+    ad.mkdir(exist_ok=True)
+    rng = hashlib.sha256(str(cfg.get("seed", 0)).encode()).digest()
+    size = int(cfg.get("fake_adapter_bytes", 262144))
+    (ad / "adapter_model.safetensors").write_bytes((rng * (size // len(rng) + 1))[:size])
+    (ad / "adapter_config.json").write_text(json.dumps({"r": 8, "lora_alpha": 16, "peft_type": "LORA"}))
+    files = [{"path": f"adapter/{p.name}", "size": p.stat().st_size, "sha256": sha(p)} for p in sorted(ad.iterdir())]
+    tmp = d / "manifest.json.tmp"
+    tmp.write_text(json.dumps({"files": files, "base_model": cfg.get("base_model"), "final_loss": 3.0 / steps,
+                               "steps": steps}))
+    os.replace(tmp, d / "manifest.json")
+    print("fake trainer: done", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

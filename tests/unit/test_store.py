@@ -1,0 +1,80 @@
+"""The store on real SQLite files: compare-and-set transitions, journal, ledger, schema."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from mhd.states.model import Outcome, RunState
+from mhd.store import Store, StoreError
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    return Store(f"sqlite:///{tmp_path / 'mhd.db'}")
+
+
+def test_wal_mode_and_schema_version(tmp_path: Path, store: Store):
+    assert store.schema_version() == 1
+    with sqlite3.connect(tmp_path / "mhd.db") as con:
+        assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_newer_schema_is_refused_with_advice(tmp_path: Path, store: Store):
+    with sqlite3.connect(tmp_path / "mhd.db") as con:
+        con.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    with pytest.raises(StoreError, match="schema version 99"):
+        Store(f"sqlite:///{tmp_path / 'mhd.db'}")
+
+
+def test_transition_is_compare_and_set(store: Store):
+    run = store.create_run("manual", "local")
+    store.transition(run.id, RunState.PROVISIONING, RunState.CONNECTING, "pod p1", pod_id="p1")
+    with pytest.raises(StoreError, match="expected state Provisioning, found Connecting"):
+        store.transition(run.id, RunState.PROVISIONING, RunState.CONNECTING)
+    j = store.journal(run.id)
+    assert [(t.from_state, t.to_state) for t in j] == [
+        (RunState.IDLE, RunState.PROVISIONING), (RunState.PROVISIONING, RunState.CONNECTING)]
+    assert store.get_run(run.id).pod_id == "p1"
+
+
+def test_state_is_stored_as_enum_name_not_free_text(tmp_path: Path, store: Store):
+    run = store.create_run("manual", "local")
+    with sqlite3.connect(tmp_path / "mhd.db") as con:
+        raw = con.execute("SELECT state FROM runs WHERE id = ?", (run.id,)).fetchone()[0]
+    assert RunState[raw] is RunState.PROVISIONING
+
+
+def test_only_one_active_run(store: Store):
+    run = store.create_run("manual", "local")
+    with pytest.raises(StoreError, match="already active"):
+        store.create_run("threshold", "local")
+    store.transition(run.id, RunState.PROVISIONING, RunState.ABORTING, abort_outcome=Outcome.CANCELLED)
+    store.transition(run.id, RunState.ABORTING, RunState.IDLE, outcome=Outcome.CANCELLED)
+    assert store.active_run() is None
+    store.create_run("manual", "local")
+
+
+def test_progress_appends_points_and_advances_offset(store: Store):
+    run = store.create_run("manual", "local")
+    store.add_progress(run.id, [{"step": 1, "total_steps": 4, "loss": 2.0}], 50)
+    r = store.add_progress(run.id, [{"step": 2, "total_steps": 4, "loss": 1.5, "eta_s": 3.0}], 100)
+    assert (r.step, r.total_steps, r.loss, r.eta_s, r.progress_offset) == (2, 4, 1.5, 3.0, 100)
+    assert [p.step for p in store.progress(run.id)] == [1, 2]
+
+
+def test_ledger_marks_each_key_once(store: Store):
+    run = store.create_run("manual", "local")
+    assert store.mark_trained(["a", "b"], run.id) == 2
+    assert store.mark_trained(["b", "c"], run.id) == 1
+    assert store.trained_keys() == {"a", "b", "c"}
+
+
+def test_attempts_survive_reopen(tmp_path: Path, store: Store):
+    run = store.create_run("manual", "local")
+    store.bump_attempts(run.id)
+    store.bump_attempts(run.id)
+    again = Store(f"sqlite:///{tmp_path / 'mhd.db'}")
+    assert again.get_run(run.id).attempts == 2
