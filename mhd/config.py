@@ -18,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from mhd.errors import ConfigError
 
 ENV_PREFIX = "MHD_"
+# MHD_* variables that are not config keys.
+NOT_CONFIG_ENV = frozenset({"MHD_CONFIG", "MHD_DEBUG_PAUSE"})
 SYSTEM_CONFIG = Path("/etc/mhd/config.toml")
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*$")
@@ -265,7 +267,7 @@ def _env_value(raw: str) -> Any:
 
 def _apply_env(data: dict[str, Any], environ: dict[str, str]) -> None:
     for name, raw in environ.items():
-        if not name.startswith(ENV_PREFIX) or name == "MHD_CONFIG":
+        if not name.startswith(ENV_PREFIX) or name in NOT_CONFIG_ENV:
             continue
         parts = [p.lower() for p in name[len(ENV_PREFIX) :].split("__") if p]
         if not parts:

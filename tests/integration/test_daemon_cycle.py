@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from mhd.store import Store
-from tests.support.daemon import alive_job_groups, write_memories
+from tests.support.daemon import no_jobs_left, write_memories
 
 HAPPY = ["Idle", "Provisioning", "Connecting", "Uploading", "Training", "Fetching", "Merging", "Idle"]
 
@@ -45,7 +45,7 @@ def test_full_cycle_walks_the_seven_states_and_back(denv):
 
     for f in manifest["files"]:
         assert sha256_path(denv.state / "runs" / run_id / "output" / f["path"]) == f["sha256"]
-    assert not alive_job_groups(denv.pods)
+    no_jobs_left(denv)
     assert d.stop() == 0
 
 
@@ -84,7 +84,7 @@ def test_cancel_during_training_aborts_terminates_pod_and_records_cancelled(denv
     assert journal_path(store, run_id)[-2:] == ["Aborting", "Idle"]
     pod = json.loads((denv.pods / "pods" / f"mhd-{run_id}.json").read_text())
     assert pod["status"] == "TERMINATED"
-    assert not alive_job_groups(denv.pods)  # the trainer was stopped with the pod
+    no_jobs_left(denv)  # the trainer was stopped with the pod
     assert st_pending(d) == 6  # nothing was marked trained
 
 

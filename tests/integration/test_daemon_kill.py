@@ -9,7 +9,7 @@ import re
 import pytest
 
 from mhd.store import Store
-from tests.support.daemon import alive_job_groups, write_memories
+from tests.support.daemon import no_jobs_left, write_memories
 
 pytestmark = pytest.mark.slow
 
@@ -55,7 +55,7 @@ def test_sigkill_in_state_then_restart_finishes_the_run(denv, state):
     out = denv.state / "runs" / run_id / "output"
     manifest = json.loads((out / "manifest.json").read_text())
     assert _bytes_downloaded(denv, run_id) == sum(f["size"] for f in manifest["files"])
-    assert not alive_job_groups(denv.pods)
+    no_jobs_left(denv)
     pod = json.loads((denv.pods / "pods" / f"mhd-{run_id}.json").read_text())
     assert pod["status"] == "TERMINATED"
     store = Store(f"sqlite:///{denv.state / 'mhd.db'}")

@@ -186,3 +186,12 @@ def alive_job_groups(pods_root: Path) -> list[int]:
         except (OSError, ValueError):
             pass
     return alive
+
+
+def no_jobs_left(denv: Any, timeout: float = 10) -> None:
+    """The launcher exits a moment after writing exit_code: allow it that moment, no more."""
+    deadline = time.monotonic() + timeout
+    while alive := alive_job_groups(denv.pods):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"job process groups still alive: {alive}")
+        time.sleep(0.1)
