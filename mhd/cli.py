@@ -150,10 +150,7 @@ def runs(ctx: click.Context, as_json: bool, limit: int) -> None:
 
 def _find_run(cfg: Config, run_id: str | None) -> Any:
     store = _store(cfg)
-    if run_id is None:
-        run = store.last_run()
-    else:
-        run = store.get_run(run_id) or store.find_run(run_id)
+    run = store.last_run() if run_id is None else store.get_run(run_id) or store.find_run(run_id)
     if run is None:
         _die(f"no run {run_id or '(none yet)'} in {cfg.db_path_url}", EXIT_FAIL)
     return run

@@ -193,15 +193,15 @@ class Config(_Section):
     heartbeat_interval_s: float = Field(60.0, gt=0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
-    ssh: SshConfig = SshConfig()
-    runpod: RunpodConfig = RunpodConfig()
-    budget: BudgetConfig = BudgetConfig()
-    training: TrainingConfig = TrainingConfig()
-    dataset: DatasetConfig = DatasetConfig()
-    merge: MergeConfig = MergeConfig()
-    web: WebConfig = WebConfig()
-    local: LocalConfig = LocalConfig()
-    retry: RetryConfig = RetryConfig()
+    ssh: SshConfig = Field(default_factory=SshConfig)
+    runpod: RunpodConfig = Field(default_factory=RunpodConfig)
+    budget: BudgetConfig = Field(default_factory=BudgetConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    dataset: DatasetConfig = Field(default_factory=DatasetConfig)
+    merge: MergeConfig = Field(default_factory=MergeConfig)
+    web: WebConfig = Field(default_factory=WebConfig)
+    local: LocalConfig = Field(default_factory=LocalConfig)
+    retry: RetryConfig = Field(default_factory=RetryConfig)
 
     @field_validator("memory_dir", "state_dir", "socket", mode="after")
     @classmethod

@@ -90,7 +90,7 @@ def status_snapshot(store: Store, *, pending: int, threshold: int, daemon: dict[
 
 def runs_list(store: Store, limit: int = 20) -> list[dict[str, Any]]:
     at = now()
-    events = {}
+    events: dict[str | None, list[dict[str, Any]]] = {}
     for e in store.events(kind="rollback"):
         events.setdefault(e.run_id, []).append({"kind": e.kind, "detail": e.detail, "at": e.at})
     active = {m.name for m in store.models() if m.active}

@@ -52,7 +52,7 @@ class ControlServer:
                     resp = await self.handler(req)
                 except (ValueError, asyncio.LimitOverrunError) as exc:
                     resp = {"ok": False, "error": f"bad request: {exc}"}
-                except Exception as exc:  # noqa: BLE001 - a bad request must not kill the daemon
+                except Exception as exc:
                     log.exception("control: request failed")
                     resp = {"ok": False, "error": str(exc)}
                 writer.write(json.dumps(resp, default=str).encode() + b"\n")

@@ -182,7 +182,7 @@ class Daemon:
                     try:
                         final = self.current.result()
                         log.info("run %s finished: %s", final.id, final.outcome.value if final.outcome else "?")
-                    except Exception:  # noqa: BLE001 - the runner classifies; this is a last guard
+                    except Exception:
                         log.exception("run %s: runner crashed; retrying in 5 s", run.id)
                         await asyncio.wait({stop}, timeout=5)
                     self.current = None
@@ -226,7 +226,7 @@ class Daemon:
                     for pod in reaped:
                         self.store.pod_terminated(pod.id, note="reaped: no active run owned it")
                         self.store.add_event(None, "reaped", f"{pod.name} ({pod.id})")
-                except Exception:  # noqa: BLE001 - the reaper must outlive provider hiccups
+                except Exception:
                     log.exception("reaper failed; will try again")
             await asyncio.sleep(self.cfg.runpod.reap_interval_s)
 

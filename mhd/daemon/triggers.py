@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 
 class Triggers:
     def __init__(self, *, threshold: int, debounce_s: float, schedule: str | None,
-                 pending: Callable[[], int], busy: Callable[[], bool], start: Callable[[str], None]) -> None:
+                 pending: Callable[[], int], busy: Callable[[], bool], start: Callable[[str], object]) -> None:
         self.threshold = threshold
         self.debounce_s = debounce_s
         self.schedule = schedule

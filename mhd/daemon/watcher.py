@@ -240,7 +240,7 @@ class Watcher:
                             self._retry_later(str(p))
                 elif self.index.update(path):
                     self._retry_later(path)
-            except Exception:  # noqa: BLE001 - one odd file must never stop the watcher
+            except Exception:
                 log.exception("watcher: could not handle %s %s", kind, path)
             if self.queue.empty():
                 self.on_change()

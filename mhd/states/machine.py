@@ -53,6 +53,7 @@ class RunMachine:
         )
 
     def _commit(self, event: EventData) -> None:
+        assert event.transition is not None
         src, dest = S[str(event.transition.source)], S[str(event.transition.dest)]
         reason = str(event.kwargs.get("reason", ""))
         fields = dict(event.kwargs.get("fields") or {})

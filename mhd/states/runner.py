@@ -70,7 +70,7 @@ class Runner:
                 await ACTIONS[state](ctx, m)
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - every failure is classified below
+            except Exception as exc:
                 await self._handle(m, state, exc)
             if m.state is not state:
                 ctx.log.info("run %s: %s → %s (%s)", m.run.id, state.value, m.state.value,

@@ -19,7 +19,7 @@ def test_threshold_from_files_written_into_the_watched_folder_starts_a_run(denv)
     d.wait_for(lambda: d.status()["pending_memories"] == 3, 10, "3 pending")
     assert d.status()["state"] == "Idle"  # below threshold: nothing starts
     write_memory(denv.memories, "one more memory makes four, which is the threshold")
-    d.wait_for(lambda: d.status()["last_run"] and d.status()["last_run"]["trigger"] == "threshold"
+    d.wait_for(lambda: (d.status()["last_run"] and d.status()["last_run"]["trigger"] == "threshold")
                or d.status()["run"] is not None, 20, "threshold run")
     d.wait_for(lambda: d.status()["state"] == "Idle" and d.status()["last_run"], 60, "run end")
     assert d.status()["last_run"]["outcome"] == "succeeded"
