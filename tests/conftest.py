@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from tests.support.daemon import DaemonProc, base_config, kill_local_jobs, write_config
+from mhd.devtools.toml_write import write_config
+from tests.support.daemon import DaemonProc, base_config, kill_local_jobs
 
 
 class DaemonEnv:

@@ -19,27 +19,6 @@ REPO = Path(__file__).resolve().parents[2]
 FAKE_TRAINER = REPO / "tests" / "jobs" / "fake_trainer.py"
 
 
-def toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int | float):
-        return repr(v)
-    if isinstance(v, dict):
-        return "{" + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + "}"
-    if isinstance(v, list):
-        return "[" + ", ".join(toml_value(x) for x in v) + "]"
-    return json.dumps(str(v))
-
-
-def write_config(path: Path, top: dict[str, Any], sections: dict[str, dict[str, Any]]) -> Path:
-    lines = [f"{k} = {toml_value(v)}" for k, v in top.items()]
-    for name, body in sections.items():
-        lines.append(f"\n[{name}]")
-        lines += [f"{k} = {toml_value(v)}" for k, v in body.items()]
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 def base_config(tmp: Path, **overrides: Any) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     top: dict[str, Any] = {
         "memory_dir": str(tmp / "memories"),
