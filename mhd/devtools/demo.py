@@ -106,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
             daemon.send_signal(signal.SIGTERM)
             daemon.wait(30)
         log.close()
+    console.rule("the run's journal (mhd logs)")
+    subprocess.run([sys.executable, "-m", "mhd.cli", "--config", str(config), "logs", "-n", "5"], check=False)
     console.rule("mhd runs")
     subprocess.run([sys.executable, "-m", "mhd.cli", "--config", str(config), "runs"], check=False)
     console.print(f"daemon stopped; everything is under {work} (daemon.log, state/runs/…). "
