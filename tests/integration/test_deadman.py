@@ -40,7 +40,8 @@ class Pod:
             "RUNPOD_API_KEY": SECRET,
             "MARKER": str(self.marker),
         }
-        self.procs: list[subprocess.Popen[str]] = []
+        self.procs: list[subprocess.Popen[str]] = []  # trainers
+        self.loops: list[subprocess.Popen[str]] = []  # deadman.sh, each in its own process group
 
     def fake_runpodctl(self, body: str) -> None:
         path = self.bin / "runpodctl"
@@ -73,7 +74,7 @@ class Pod:
         # Own process group, so the test can end the loop and its `sleep` child together.
         proc = subprocess.Popen(["sh", str(SCRIPT)], env={**self.env, **env}, text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-        self.procs.append(proc)
+        self.loops.append(proc)
         return proc
 
     def stopped_within(self, seconds: float) -> bool:
@@ -88,13 +89,14 @@ class Pod:
         return self.marker.read_text().splitlines() if self.marker.exists() else []
 
     def close(self) -> None:
+        for loop in self.loops:
+            if loop.poll() is None:
+                os.killpg(loop.pid, signal.SIGTERM)
+            loop.communicate(timeout=10)
         for proc in self.procs:
             if proc.poll() is None:
-                if proc.args[0] == "sh":
-                    os.killpg(proc.pid, signal.SIGTERM)
-                else:
-                    proc.kill()
-            proc.communicate(timeout=10)
+                proc.kill()
+            proc.wait(timeout=10)
 
 
 @pytest.fixture
@@ -107,7 +109,9 @@ def pod(tmp_path: Path) -> Iterator[Pod]:
 
 
 def output_of(proc: subprocess.Popen[str], pod: Pod) -> str:
-    os.killpg(proc.pid, signal.SIGTERM)
+    """End the loop (its process group: sh and its `sleep`) and return what it printed."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
     out, _ = proc.communicate(timeout=10)
     return out
 
