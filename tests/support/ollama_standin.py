@@ -127,8 +127,7 @@ class OllamaStandIn:
     @property
     def url(self) -> str:
         assert self._server is not None, "start() the stand-in first"
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
 
     # Inspection and control (thread-safe snapshots) -----------------------------------------
     @property
