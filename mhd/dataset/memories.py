@@ -300,4 +300,5 @@ def memory_key(mtype: str, content: str, response: str | None) -> str:
     flip ``metadata.processed`` and may rename them, and neither makes a new memory.
     """
     ident = json.dumps([mtype, normalize_space(content), normalize_space(response or "")], ensure_ascii=False)
-    return hashlib.sha256(ident.encode("utf-8")).hexdigest()
+    # surrogatepass: JSON may carry lone surrogates ("\ud800"), which strict UTF-8 refuses.
+    return hashlib.sha256(ident.encode("utf-8", "surrogatepass")).hexdigest()
