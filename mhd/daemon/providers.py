@@ -29,8 +29,9 @@ def build_provider(cfg: Config) -> tuple[Provider, str]:
     key_file = _ssh_key_file(cfg)
     pub = Path(str(key_file) + ".pub")
     public_key = pub.read_text().strip() if pub.exists() else None
-    return RunpodProvider(cfg.runpod, load_api_key(cfg.runpod, dict(os.environ)), public_key=public_key), \
-        RUNPOD_REMOTE_ROOT
+    provider = RunpodProvider(cfg.runpod, load_api_key(cfg.runpod, dict(os.environ)), public_key=public_key,
+                              env={"MHD_ROOT": RUNPOD_REMOTE_ROOT})
+    return provider, RUNPOD_REMOTE_ROOT
 
 
 def _ssh_key_file(cfg: Config) -> Path:

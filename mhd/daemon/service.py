@@ -23,7 +23,7 @@ from mhd.daemon.notify import sd_notify, watchdog_interval
 from mhd.daemon.providers import build_connector, build_provider
 from mhd.daemon.triggers import Triggers
 from mhd.daemon.watcher import MemoryIndex, Watcher
-from mhd.remote.provider import Provider
+from mhd.remote.provider import Provider, pod_name
 from mhd.states.context import RunContext
 from mhd.states.runner import Runner
 from mhd.store import Store, StoreError
@@ -214,20 +214,20 @@ class Daemon:
         provider = self.provider
 
         def owned() -> set[str]:
+            # By id once known; by name while a run is between `create` and persisting the id.
             run = self.store.active_run()
-            return {run.pod_id} if run is not None and run.pod_id else set()
+            if run is None:
+                return set()
+            return {run.pod_id} if run.pod_id else {pod_name(run.id)}
 
         while True:
-            # A run that is still Provisioning may be about to adopt its pod: never reap then.
-            run = self.store.active_run()
-            if run is None or run.pod_id:
-                try:
-                    reaped = await reap(provider, owned, logging.getLogger("mhd.reaper"))
-                    for pod in reaped:
-                        self.store.pod_terminated(pod.id, note="reaped: no active run owned it")
-                        self.store.add_event(None, "reaped", f"{pod.name} ({pod.id})")
-                except Exception:
-                    log.exception("reaper failed; will try again")
+            try:
+                reaped = await reap(provider, owned, logging.getLogger("mhd.reaper"))
+                for pod in reaped:
+                    self.store.pod_terminated(pod.id, note="reaped: no active run owned it")
+                    self.store.add_event(None, "reaped", f"{pod.name} ({pod.id})")
+            except Exception:  # noqa: BLE001 - the reaper must outlive provider hiccups
+                log.exception("reaper failed; will try again")
             await asyncio.sleep(self.cfg.runpod.reap_interval_s)
 
     async def _flush_cache(self) -> None:
