@@ -1,0 +1,1 @@
+../mhd/pod/train.py
