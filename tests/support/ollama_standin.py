@@ -22,7 +22,8 @@ Endpoints and behaviour (modelled on Ollama's server code, see ``server/routes.g
   real server: 400 ``{"error": "LoRA adapters are no longer supported"}``. Blobs named in
   ``files``/``adapters`` must have been uploaded (400 otherwise); ``from`` must name a local model
   (else a streamed error, as when the real server fails to pull it).
-- ``POST /api/copy`` (404 when the source is missing), ``DELETE /api/delete`` (404 when missing),
+- ``POST /api/copy`` (404 when the source is missing; the copy's entry in ``.models`` gets
+  ``copied_from``), ``DELETE /api/delete`` (404 when missing),
   ``GET /api/tags``, ``POST /api/chat`` (streaming and not; 404 for an unknown model).
 
 Fault injection: ``fail_next(route, status, error=…, mid_stream=False, times=1)`` makes the next
@@ -457,8 +458,9 @@ class _Handler(BaseHTTPRequestHandler):
             if src is None:
                 status = 404
             else:
-                s._state.models[normalize(body["destination"])] = {**copy.deepcopy(src),
-                                                                    "modified_at": _now_iso()}
+                # copied_from lets a test see where an alias points (the real server shares layers)
+                s._state.models[normalize(body["destination"])] = {
+                    **copy.deepcopy(src), "copied_from": normalize(body["source"]), "modified_at": _now_iso()}
                 status = 200
         if status == 404:
             self._send_json(404, {"error": f'model "{body["source"]}" not found'})
