@@ -59,6 +59,7 @@ MAX_HEAD = 16 * 1024  # request line + headers; a GET needs far less
 IDLE_TIMEOUT_S = 30.0  # keep-alive connections idle longer than this are closed
 WRITE_TIMEOUT_S = 10.0  # a client that does not read for this long is dropped
 MAX_CLIENTS = 64
+STOP_GRACE_S = 5.0  # how long stop() lets open connections wind down before cancelling them
 LOG_TAIL_BYTES = 256 * 1024
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 STATIC_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*\.(?:css|js|svg|html)$")
@@ -171,7 +172,7 @@ class WebServer:
         self._cookie_value = (hmac.new(self._token.encode(), b"mhd-web-session", hashlib.sha256).hexdigest()
                               if self._token else "")
         self._server: asyncio.Server | None = None
-        self._clients: set[asyncio.Task[None]] = set()
+        self._clients: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
         self._stopping = asyncio.Event()
         self._snapshot: tuple[float, bytes] | None = None
         self._routes: list[tuple[re.Pattern[str], Handler]] = [
@@ -211,11 +212,16 @@ class WebServer:
         self._stopping.set()
         if self._server is not None:
             self._server.close()
-        # Server.close() leaves accepted connections open (SSE streams would live on): end them.
-        clients = list(self._clients)
-        for task in clients:
-            task.cancel()
-        await asyncio.gather(*clients, return_exceptions=True)
+        # Server.close() leaves accepted connections open (an SSE stream would live on). Closing each
+        # transport makes its handler see EOF and return by itself; cancelling the handler instead
+        # would make Python 3.11's stream callback log a spurious CancelledError traceback.
+        for writer in self._clients.values():
+            writer.close()
+        if self._clients:
+            _, stuck = await asyncio.wait(list(self._clients), timeout=STOP_GRACE_S)
+            for task in stuck:
+                task.cancel()  # last resort for a handler blocked elsewhere
+            await asyncio.gather(*stuck, return_exceptions=True)
         if self._server is not None:
             await self._server.wait_closed()
             self._server = None
@@ -224,7 +230,7 @@ class WebServer:
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self._clients.add(task)
+        self._clients[task] = writer
         try:
             if len(self._clients) > MAX_CLIENTS:
                 await self._send(writer, Response.text(503, "too many connections"), keep_alive=False)
@@ -249,8 +255,10 @@ class WebServer:
                     return
         except (ConnectionError, TimeoutError, asyncio.IncompleteReadError):
             pass  # the client went away or stalled; nothing to tell it
+        except Exception:  # a bug here must cost one connection, not spam the daemon's log forever
+            log.exception("web: connection handler failed")
         finally:
-            self._clients.discard(task)
+            self._clients.pop(task, None)
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()

@@ -12,6 +12,7 @@ import asyncio
 import base64
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -31,7 +32,7 @@ from mhd.errors import ConfigError
 from mhd.states.model import Outcome, RunState
 from mhd.store import Store
 from mhd.views import run_dict, runs_list, status_snapshot
-from mhd.web import WebServer
+from mhd.web import WebServer, charts
 
 S = RunState
 TOKEN = "test-token-0123456789abcdef"
@@ -282,6 +283,19 @@ def test_with_a_token_every_request_needs_it(store):
             assert TOKEN not in r.text and TOKEN not in str(r.headers), r.request.url
 
 
+def test_charts_count_every_line_even_when_too_many_to_draw_each():
+    long_run = [{"step": i, "loss": 3 / i, "time": 1000.0 + i} for i in range(1, 5001)]
+    svg = charts.loss_svg(long_run)
+    assert 'id="loss-chart" data-points="5000"' in svg
+    assert "<circle" not in svg  # no dot per point at this size; the line alone
+    m = re.search(r'<polyline class="train" data-points="5000"[^>]* points="([^"]*)"', svg)
+    assert m is not None and len(m.group(1).split()) <= charts.MAX_VERTICES + 1
+    assert charts.step_ticks(0, 3, 6) == [0, 1, 2, 3]  # no half steps
+    assert charts.time_ticks(0, 200, 6) == [0, 60, 120, 180]
+    assert "&lt;b&gt;" in charts.line_chart("c", "<b>", [charts.Series("train", "x", [(0, 1), (1, 2)])],
+                                             x_label="step")
+
+
 # (b) A real headless Chromium watching a run ------------------------------------------------------
 class WebDriverError(Exception):
     pass
@@ -407,6 +421,10 @@ def test_page_follows_a_run_from_training_to_idle_without_reload(tmp_path, brows
     prev_steps, steps = 9, 12
     finished_run(daemon_side, prev_steps, scale=1.3)
     run_id = start_training(daemon_side)
+    run_dir = tmp_path / "state" / "runs" / run_id
+    run_dir.mkdir(parents=True)
+    (run_dir / "run.log").write_text("2026-07-18T22:30:00 Provisioning: pod mhd-test adopted\n")
+    (run_dir / "train.log").write_text("".join(f"step {i}: loss <{i}> & more\n" for i in range(1, 13)))
 
     def status() -> dict[str, Any]:
         return status_snapshot(web_side, pending=3, threshold=5, daemon=DAEMON)
@@ -449,6 +467,14 @@ def test_page_follows_a_run_from_training_to_idle_without_reload(tmp_path, brows
             shot = browser.screenshot(tmp_path / "web-idle.png")
             assert shot.stat().st_size > 10_000
             assert browser.console_errors() == []
+
+            # Each run's "log" link opens its log tail (a plain page, escaped).
+            href = browser.js(f"return document.querySelector('#runs-body tr[data-run=\"{run_id}\"] a').href")
+            browser.open(href)
+            logs = wait_for(lambda: browser.js(
+                "return [...document.querySelectorAll('pre.log')].map(p => p.textContent)"), 30, "the log page")
+            assert "pod mhd-test adopted" in logs[0] and "step 12: loss <12> & more" in logs[1]
+            browser.screenshot(tmp_path / "web-log.png")
     finally:
         daemon_side.close()
         web_side.close()
