@@ -22,7 +22,10 @@ _TURN = re.compile(r"^(User|Assistant):[ \t]*", re.MULTILINE)
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 _SPACES = re.compile(r"[ \t\u00a0]+")
 _BLANK_LINES = re.compile(r"\n{3,}")
-_DROP_CHARS = {"\ufeff", "\u200b"}  # BOM, zero-width space: invisible and only hurt tokenization
+# Control characters (Unicode Cc) but tab and newline; BOM and zero-width space (invisible, they
+# only hurt tokenization); lone surrogates (valid in JSON, unencodable in UTF-8 output).
+_DROP = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ufeff\u200b\ud800-\udfff]")
+_NOT_WORD = re.compile(r"[\W_]+")
 
 _THEMED = {  # type → instruction; the input is the first sentence (the theme)
     "reflection": "Write a reflection in {name}'s voice on this theme:",
@@ -89,23 +92,13 @@ def system_prompt(cfg: DatasetConfig) -> str:
 def clean_text(text: str) -> str:
     """Normalize Unicode, drop control characters, tidy whitespace; keep paragraphs."""
     text = unicodedata.normalize("NFC", text).replace("\r\n", "\n").replace("\r", "\n")
-    text = "".join(ch for ch in text if _keep_char(ch))
+    text = _DROP.sub("", text)
     lines = [_SPACES.sub(" ", line).strip() for line in text.split("\n")]
     return _BLANK_LINES.sub("\n\n", "\n".join(lines)).strip()
 
 
-def _keep_char(ch: str) -> bool:
-    if ch in "\n\t":
-        return True
-    if ch in _DROP_CHARS:
-        return False
-    cat = unicodedata.category(ch)
-    # Cc: control characters; Cs: lone surrogates (valid in JSON, invalid in UTF-8 output).
-    return cat not in ("Cc", "Cs")
-
-
 def _loose(text: str) -> str:
-    return "".join(ch if ch.isalnum() else " " for ch in text.casefold())
+    return _NOT_WORD.sub(" ", text.casefold())
 
 
 def conversation_turns(memory: Memory) -> tuple[str, str]:

@@ -259,3 +259,12 @@ def test_keys_match_read_memory(tmp_path: Path) -> None:
         if hasattr(r, "key"):
             keys.add(r.key)  # type: ignore[union-attr]
     assert sorted(keys) == m["memory_keys"]
+
+
+def test_lone_surrogates_never_reach_the_utf8_output(mems: Path, tmp_path: Path) -> None:
+    write(mems, "a.json", text='{"content": "A broken emoji \\ud83d in an otherwise fine memory.", '
+                               '"tags": ["odd\\udc00tag"], "type": "observation"}')
+    m = build_dataset(mems, tmp_path / "out", cfg(), now=NOW)
+    (row,) = records(tmp_path / "out" / "dataset.jsonl")
+    assert m["samples"] == 1 and row["output"] == "A broken emoji in an otherwise fine memory."
+    assert row["input"] == "oddtag"
