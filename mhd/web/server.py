@@ -44,7 +44,7 @@ from http.cookies import CookieError, SimpleCookie
 from importlib import resources
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
 
 from mhd.config import WebConfig
 from mhd.errors import ConfigError
@@ -314,7 +314,9 @@ class WebServer:
             extra = self._cookie_header(req)
             if extra and req.arg("token") is not None and not req.path.startswith(("/api/", "/charts/")):
                 # A page opened with ?token=: keep the token out of the address bar from now on.
-                return Response(303, headers=[("Location", req.path), extra]), False
+                rest = urlencode([(k, v) for k, vs in req.query.items() if k != "token" for v in vs])
+                location = quote(req.path) + (f"?{rest}" if rest else "")
+                return Response(303, headers=[("Location", location), extra]), False
             if req.path == "/api/events":
                 return Response(200, headers=[extra] if extra else []), True
             for pattern, handler in self._routes:

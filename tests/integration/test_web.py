@@ -273,6 +273,8 @@ def test_with_a_token_every_request_needs_it(store):
         cookie = first.cookies["mhd_session"]
         assert cookie and cookie != TOKEN
         seen.append(first)
+        deep = http.get("/runs/x/log", params={"lines": "5", "token": TOKEN})
+        assert deep.status_code == 303 and deep.headers["location"] == "/runs/x/log?lines=5"
         with httpx.Client(base_url=srv.url, timeout=30, cookies={"mhd_session": cookie}) as browser:
             page = browser.get("/")
             assert page.status_code == 200 and 'id="state"' in page.text
