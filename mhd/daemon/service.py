@@ -203,7 +203,7 @@ class Daemon:
             from mhd.web.server import WebServer
         except ImportError:
             return
-        web = WebServer(self.cfg.web, self.store, self.status)
+        web = WebServer(self.cfg.web, self.store, self.status, runs_dir=self.cfg.runs_dir)
         await web.start()
         stack.push_async_callback(web.stop)
 
