@@ -1,0 +1,637 @@
+"""asyncssh transport: connect under a deadline, pin host keys, move files with SFTP and sha256.
+
+One :func:`connect` call gives an :class:`SshSession` (the ``Session`` protocol of
+``session.py``) plus the host key it saw, which the caller stores with the run and passes back as
+``pinned_host_key`` next time.
+
+Error boundary (every public coroutine here):
+
+    connect()   refused / reset / timeout / sshd not up yet  → retried with backoff + full jitter;
+                                                               deadline passed → ConnectionLost
+                authentication refused, unusable key_file    → RemoteError (permanent)
+                host key differs from the pin                → HostKeyMismatch (never retried)
+    session     link dropped (any asyncssh / socket error)   → ConnectionLost (from the original)
+                remote file-system refusal (SFTP status)     → RemoteError
+                sha256 mismatch, unsafe manifest path        → IntegrityError
+                non-zero exit of a command                   → CommandResult.exit_status, no raise
+
+Local file-system errors (disk full, permissions on this machine) are not link problems and pass
+through unchanged as ``OSError``: retrying the connection would not fix them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import posixpath
+import random
+import re
+import secrets
+import shlex
+from collections import deque
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import asyncssh
+from asyncssh.public_key import get_default_public_key_algs
+
+from mhd.errors import ConnectionLost, HostKeyMismatch, IntegrityError, MhdError, RemoteError
+from mhd.remote.provider import Endpoint
+from mhd.remote.session import CommandResult, Session
+
+# OpenSSH's sftp-server drops the connection for requests above 255 KiB (measured, issue 3).
+SFTP_BLOCK = 255 * 1024
+# Outstanding SFTP writes during upload: enough to fill a long fat pipe; memory <= 128 blocks of 255 KiB.
+UPLOAD_MAX_REQUESTS = 128
+# Outstanding SFTP reads during download. This window bounds the memory a download uses
+# (≈ 8 MiB of blocks in flight) whatever the file size, and still keeps a WAN link busy.
+DOWNLOAD_WINDOW = 32
+# Longest single connection attempt (TCP + handshake + auth); a pod's sshd under load is slow.
+ATTEMPT_TIMEOUT_S = 30.0
+# How long a liveness probe may take after a command timed out, before we call the link dead.
+PROBE_TIMEOUT_S = 10.0
+_HASH_CHUNK = 1 << 20
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+
+# Exit codes of the remote sha256 helper script below.
+_SHA_MISSING = 3
+_SHA_NO_TOOL = 4
+_SHA256_SH = (
+    f'[ -f "$1" ] || exit {_SHA_MISSING}; '
+    'if command -v sha256sum >/dev/null 2>&1; then exec sha256sum -b -- "$1"; fi; '
+    'for py in python3 python; do command -v $py >/dev/null 2>&1 && exec $py -c "$2" "$1"; done; '
+    f"exit {_SHA_NO_TOOL}"
+)
+_PY_SHA256 = (
+    "import hashlib,sys\n"
+    "h=hashlib.sha256()\n"
+    "with open(sys.argv[1],'rb') as f:\n"
+    "    for b in iter(lambda: f.read(1<<20), b''): h.update(b)\n"
+    "print(h.hexdigest())\n"
+)
+
+
+# ---- host keys ----------------------------------------------------------------------------------
+
+
+def openssh_public_key(key: asyncssh.SSHKey) -> str:
+    """``"ssh-ed25519 AAAA…"``: the form stored with a run (no comment, no newline)."""
+    return " ".join(key.export_public_key("openssh").decode("ascii").split()[:2])
+
+
+def host_key_fingerprint(key_text: str) -> str:
+    """``SHA256:…`` of an OpenSSH public key string, as ``ssh-keygen -l`` prints it."""
+    return str(asyncssh.import_public_key(key_text).get_fingerprint("sha256"))
+
+
+def pinned_key_from_known_hosts(path: Path, host: str, port: int) -> str | None:
+    """The host key an OpenSSH ``known_hosts`` file lists for ``host:port`` (ed25519 preferred).
+
+    For ``[ssh] known_hosts``: a bring-your-own host whose key the owner pinned up front.
+    """
+    try:
+        known = asyncssh.read_known_hosts(str(path))
+    except (OSError, ValueError) as exc:
+        raise RemoteError(f"known_hosts file {path} is unreadable ({exc}); fix [ssh] known_hosts") from exc
+    trusted = sorted(known.match(host, host, port)[0], key=lambda k: k.algorithm != b"ssh-ed25519")
+    return openssh_public_key(trusted[0]) if trusted else None
+
+
+class _HostKeyCheck(asyncssh.SSHClient):
+    """Decides on the server's host key before any credential is offered.
+
+    asyncssh calls ``validate_host_public_key`` for keys not in the trusted set we pass (empty
+    for first contact, the pin otherwise), after the server proved it holds the private key.
+    """
+
+    def __init__(self, pinned: asyncssh.SSHKey | None) -> None:
+        self.pinned = pinned
+        self.seen: asyncssh.SSHKey | None = None
+
+    def validate_host_public_key(self, host: str, addr: str, port: int, key: asyncssh.SSHKey) -> bool:
+        self.seen = key
+        return self.pinned is None  # trust on first use; a pinned match never reaches this
+
+
+def _host_key_algs(pinned: asyncssh.SSHKey | None) -> list[str] | str:
+    """Prefer the pinned key's algorithms but still accept others.
+
+    Restricting to the pinned type (asyncssh's known_hosts default) makes a server that no longer
+    has that key type hang up during key exchange — indistinguishable from a flaky link, so it
+    would be retried until the deadline. Listing the other types after it lets such a server
+    present its new key, which we then refuse with a clear HostKeyMismatch.
+    """
+    if pinned is None:
+        return "default"
+    algs = [a.decode() for a in pinned.sig_algorithms]
+    algs += [a.decode() for a in get_default_public_key_algs() if a.decode() not in algs]
+    return algs
+
+
+# ---- connect ------------------------------------------------------------------------------------
+
+
+def _load_client_key(key_file: Path) -> asyncssh.SSHKey:
+    try:
+        return asyncssh.read_private_key(str(key_file))
+    except OSError as exc:
+        raise RemoteError(
+            f"SSH key file {key_file} is unreadable ({exc.strerror}); set [ssh] key_file to a private key"
+        ) from exc
+    except (asyncssh.KeyImportError, ValueError) as exc:
+        # The library's message names the problem (e.g. passphrase), never the key's content.
+        raise RemoteError(
+            f"SSH key file {key_file} is not a usable private key ({exc}); "
+            "use an unencrypted OpenSSH key (ssh-keygen -t ed25519 -N '')"
+        ) from exc
+
+
+def _parse_pin(pinned_host_key: str | None, where: str) -> asyncssh.SSHKey | None:
+    if pinned_host_key is None:
+        return None
+    try:
+        return asyncssh.import_public_key(pinned_host_key)
+    except (asyncssh.KeyImportError, ValueError) as exc:
+        raise RemoteError(
+            f"the host key pinned for {where} is not an OpenSSH public key ({exc}); "
+            "the stored pin is corrupt: clear it to re-learn the key on next contact"
+        ) from exc
+
+
+def _mismatch(where: str, pinned: asyncssh.SSHKey, seen: asyncssh.SSHKey | None) -> HostKeyMismatch:
+    presented = (
+        f"{seen.get_fingerprint('sha256')} ({seen.get_algorithm()})" if seen is not None else "an unverifiable key"
+    )
+    return HostKeyMismatch(
+        f"host key of {where} changed: pinned {pinned.get_fingerprint('sha256')} ({pinned.get_algorithm()}), "
+        f"server presented {presented}. Refusing to connect. If the host was rebuilt on purpose, "
+        "clear the pinned key of this run; otherwise the connection may be intercepted."
+    )
+
+
+async def connect(
+    endpoint: Endpoint,
+    *,
+    key_file: Path,
+    pinned_host_key: str | None,
+    keepalive_interval: float,
+    keepalive_count_max: int,
+    deadline_s: float,
+    base_delay: float = 1.0,
+    max_delay: float = 30.0,
+    on_attempt: Callable[[int, BaseException], None] | None = None,
+) -> tuple[SshSession, str]:
+    """Connect to ``endpoint``, retrying transient failures until ``deadline_s`` has passed.
+
+    Returns the session and the server's host key (``"ssh-ed25519 AAAA…"``). With
+    ``pinned_host_key`` None the key is accepted (trust on first use) — store it and pin it next
+    time. ``on_attempt(n, exc)`` is called after each failed attempt that will be retried.
+    """
+    where = f"{endpoint.host}:{endpoint.port}"
+    client_key = _load_client_key(key_file)
+    pinned = _parse_pin(pinned_host_key, where)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + deadline_s
+    attempt = 0
+    while True:
+        attempt += 1
+        checker = _HostKeyCheck(pinned)
+        budget = max(deadline - loop.time(), 0.5)
+        try:
+            conn = await asyncssh.connect(
+                endpoint.host,
+                endpoint.port,
+                username=endpoint.user,
+                client_factory=lambda checker=checker: checker,
+                client_keys=[client_key],
+                known_hosts=([pinned] if pinned is not None else [], [], []),
+                server_host_key_algs=_host_key_algs(pinned),
+                x509_trusted_certs=None,
+                preferred_auth="publickey",
+                agent_path=None,  # only the configured key, never whatever an agent holds
+                config=None,  # ~/.ssh/config must not redirect a daemon's connections
+                keepalive_interval=keepalive_interval,
+                keepalive_count_max=keepalive_count_max,
+                connect_timeout=min(ATTEMPT_TIMEOUT_S, budget),
+            )
+        except asyncssh.HostKeyNotVerifiable as exc:
+            if pinned is None:  # unreachable with TOFU, but never retry a host-key refusal
+                raise HostKeyMismatch(f"host key of {where} could not be verified: {exc.reason}") from exc
+            raise _mismatch(where, pinned, checker.seen) from exc
+        except asyncssh.PermissionDenied as exc:
+            raise RemoteError(
+                f"{endpoint.user}@{where} refused key {key_file} "
+                f"({client_key.get_fingerprint('sha256')}): add its public key (ssh-keygen -y -f {key_file}) "
+                f"to ~{endpoint.user}/.ssh/authorized_keys on the host, or fix the configured user/key_file"
+            ) from exc
+        except asyncssh.KeyExchangeFailed as exc:
+            raise RemoteError(
+                f"{where}: SSH key exchange failed ({exc.reason}); the server's algorithms are unsupported"
+            ) from exc
+        except (OSError, asyncssh.DisconnectError) as exc:
+            # Refused, reset, timed out, or sshd hung up mid-handshake (still starting, MaxStartups).
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise ConnectionLost(
+                    f"could not connect to {endpoint.user}@{where} within {deadline_s:g}s "
+                    f"({attempt} attempts; last: {type(exc).__name__}: {exc}); is sshd up and the port mapped?"
+                ) from exc
+            if on_attempt is not None:
+                on_attempt(attempt, exc)
+            # Full jitter: many daemons retrying one provider don't stampede in lockstep.
+            await asyncio.sleep(min(random.uniform(0, min(max_delay, base_delay * 2 ** (attempt - 1))), remaining))
+            continue
+        server_key = conn.get_server_host_key()
+        if server_key is None:  # only for host-based "none" auth, which we never negotiate
+            conn.close()
+            raise HostKeyMismatch(f"{where} presented no host key; refusing to connect")
+        host_key = openssh_public_key(server_key)
+        return SshSession(conn, endpoint, host_key), host_key
+
+
+# ---- the session --------------------------------------------------------------------------------
+
+
+def _sh(script: str, *args: str) -> str:
+    """``sh -c SCRIPT`` with positional arguments: the user's login shell (bash, zsh, fish…)
+    must not change what our own scripts mean, and paths never need quoting inside them."""
+    return " ".join(["sh", "-c", shlex.quote(script), "mhd", *(shlex.quote(a) for a in args)])
+
+
+def _short(command: str, limit: int = 80) -> str:
+    line = " ".join(command.split())
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(_HASH_CHUNK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _hash_prefix(path: Path, length: int) -> Any:
+    """A sha256 object fed with the first ``length`` bytes of ``path`` (the resumable part)."""
+    h = hashlib.sha256()
+    if length:
+        with path.open("rb") as f:
+            left = length
+            while left:
+                block = f.read(min(_HASH_CHUNK, left))
+                if not block:
+                    raise OSError(f"{path} shrank while being hashed")
+                h.update(block)
+                left -= len(block)
+    return h
+
+
+class SshSession:
+    """The ``Session`` protocol over one asyncssh connection (one lazily opened SFTP channel)."""
+
+    def __init__(self, conn: asyncssh.SSHClientConnection, endpoint: Endpoint, host_key: str) -> None:
+        self._conn = conn
+        self.endpoint = endpoint
+        self.host_key = host_key
+        self._where = f"{endpoint.user}@{endpoint.host}:{endpoint.port}"
+        self._sftp_client: asyncssh.SFTPClient | None = None
+        self._sftp_lock = asyncio.Lock()
+
+    # ---- error boundary ---------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _boundary(self, what: str) -> Iterator[None]:
+        """Translate library errors of the remote operation ``what`` into the mhd tree."""
+        try:
+            yield
+        except MhdError:
+            raise
+        except (asyncssh.SFTPConnectionLost, asyncssh.SFTPNoConnection, asyncssh.SFTPBadMessage) as exc:
+            raise ConnectionLost(f"{what} on {self._where}: SFTP link lost ({exc}); reconnect and retry") from exc
+        except asyncssh.SFTPError as exc:
+            raise RemoteError(f"{what} on {self._where} refused by the host: {exc.reason}") from exc
+        except (asyncssh.Error, OSError, EOFError) as exc:
+            raise ConnectionLost(
+                f"{what} on {self._where}: link lost ({type(exc).__name__}: {exc}); reconnect and retry"
+            ) from exc
+
+    async def _sftp(self) -> asyncssh.SFTPClient:
+        async with self._sftp_lock:
+            if self._sftp_client is None:
+                with self._boundary("starting SFTP"):
+                    self._sftp_client = await self._conn.start_sftp_client()
+            return self._sftp_client
+
+    # ---- commands ---------------------------------------------------------------------------
+
+    async def run(self, command: str, *, input: str | None = None, timeout: float = 120.0) -> CommandResult:
+        """Run ``command`` under the login shell; the exit status is the one sshd reported.
+
+        A signal-killed command reports ``-signum`` (as ``subprocess`` does). A timeout raises
+        RemoteError when the link is still alive (the command hung) and ConnectionLost when not.
+        """
+        what = f"running `{_short(command)}`"
+        with self._boundary(what):
+            proc = await self._conn.create_process(
+                command,
+                input=input,
+                # No input means EOF at once: a command reading stdin must not wait forever.
+                stdin=asyncssh.DEVNULL if input is None else asyncssh.PIPE,
+                encoding="utf-8",
+                errors="replace",
+            )
+        try:
+            with self._boundary(what):
+                try:
+                    done = await proc.wait(check=False, timeout=timeout)
+                except asyncssh.TimeoutError:
+                    done = None
+        finally:
+            proc.close()
+        if done is None:
+            if await self._alive():
+                raise RemoteError(f"{what} on {self._where} did not finish within {timeout:g}s; abandoned it")
+            raise ConnectionLost(f"{what} on {self._where}: no answer within {timeout:g}s and the link is dead")
+        if done.exit_signal is not None and done.returncode is not None:
+            status = done.returncode
+        elif done.exit_status is None or done.exit_status < 0:
+            # The channel closed without an exit status: the link went away under the command.
+            raise ConnectionLost(f"{what} on {self._where}: link lost before the command reported its exit status")
+        else:
+            status = done.exit_status
+        return CommandResult(status, str(done.stdout or ""), str(done.stderr or ""))
+
+    async def _alive(self) -> bool:
+        try:
+            probe = await asyncio.wait_for(self._conn.run("true", check=False, stdin=asyncssh.DEVNULL), PROBE_TIMEOUT_S)
+        except (asyncssh.Error, OSError):
+            return False
+        return probe.exit_status == 0
+
+    async def remote_sha256(self, remote: str) -> str | None:
+        """sha256 of a remote file computed on the host (``sha256sum``, else python); None if absent."""
+        result = await self.run(_sh(_SHA256_SH, remote, _PY_SHA256))
+        if result.exit_status == _SHA_MISSING:
+            return None
+        if result.exit_status == _SHA_NO_TOOL:
+            raise RemoteError(f"{self._where} has neither sha256sum nor python; install coreutils or python3")
+        # sha256sum prefixes the line with "\" when it escaped the file name.
+        digest = result.stdout.split()[0].lstrip("\\") if result.stdout.split() else ""
+        if result.exit_status != 0 or not _SHA256_HEX.match(digest):
+            raise RemoteError(
+                f"hashing {remote} on {self._where} failed (exit {result.exit_status}): {result.stderr.strip()[:200]}"
+            )
+        return digest
+
+    # ---- files ------------------------------------------------------------------------------
+
+    async def upload(self, local: Path, remote: str, sha256: str) -> bool:
+        """Put ``local`` at ``remote`` via a temp name, verify sha256 remotely, rename.
+
+        Returns False when the remote file already had this sha256 (nothing sent).
+        """
+        want = sha256.lower()
+        local.stat()  # a missing local file is a local error, not a lost link
+        if await self.remote_sha256(remote) == want:
+            return False
+        parent = posixpath.dirname(remote) or "."
+        # Temp files of earlier attempts that a drop interrupted would pile up on the pod's disk.
+        prep = await self.run(_sh('mkdir -p -- "$1" && rm -f -- "$2".tmp-*', parent, remote))
+        if prep.exit_status != 0:
+            raise RemoteError(f"cannot create {parent} on {self._where}: {prep.stderr.strip()[:200]}")
+        tmp = f"{remote}.tmp-{secrets.token_hex(6)}"
+        sftp = await self._sftp()
+        with self._boundary(f"upload of {local} to {remote}"):
+            await sftp.put(str(local), tmp, block_size=SFTP_BLOCK, max_requests=UPLOAD_MAX_REQUESTS)
+        got = await self.remote_sha256(tmp)
+        if got != want:
+            await self._remove_quietly(tmp)
+            raise IntegrityError(
+                f"upload of {local} to {self._where}:{remote}: remote sha256 {got} != expected {want}; "
+                "the local file changed during upload or its recorded sha256 is stale — rebuild and retry"
+            )
+        await self._rename(tmp, remote)
+        return True
+
+    async def download(self, remote: str, local: Path, sha256: str, size: int | None = None) -> int:
+        """Stream ``remote`` into ``local``.part, resuming from its size, verify, move into place.
+
+        Returns the number of bytes transferred this call (0 if ``local`` was already verified).
+        Memory stays bounded by ``DOWNLOAD_WINDOW`` blocks whatever the file size.
+        """
+        want = sha256.lower()
+        if local.exists() and await asyncio.to_thread(_sha256_file, local) == want:
+            return 0
+        local.parent.mkdir(parents=True, exist_ok=True)
+        part = local.with_name(local.name + ".part")
+        what = f"download of {remote}"
+        sftp = await self._sftp()
+        with self._boundary(what):
+            try:
+                remote_file = await sftp.open(remote, "rb", block_size=SFTP_BLOCK, max_requests=1)
+            except asyncssh.SFTPNoSuchFile as exc:
+                raise IntegrityError(f"{self._where}:{remote} does not exist, but the manifest lists it") from exc
+        try:
+            with self._boundary(what):
+                end = int((await remote_file.stat()).size or 0)
+            if size is not None and end != size:
+                part.unlink(missing_ok=True)
+                raise IntegrityError(f"{self._where}:{remote} has {end} bytes, the manifest says {size}")
+            have = part.stat().st_size if part.exists() else 0
+            if have > end:  # a stale part of some other, larger file: start over
+                part.unlink()
+                have = 0
+            # Hash what we already have once, then keep hashing as bytes arrive.
+            hasher = await asyncio.to_thread(_hash_prefix, part, have)
+            sent = await self._stream(remote_file, part, hasher, have, end, what)
+        finally:
+            with contextlib.suppress(asyncssh.Error, OSError):
+                await remote_file.close()
+        if hasher.hexdigest() != want:
+            part.unlink(missing_ok=True)
+            raise IntegrityError(
+                f"{what} from {self._where}: sha256 {hasher.hexdigest()} != manifest {want}; "
+                "deleted the partial file, the next attempt fetches it again"
+            )
+        os.replace(part, local)
+        return sent
+
+    async def _stream(
+        self, remote_file: asyncssh.SFTPClientFile, part: Path, hasher: Any, start: int, end: int, what: str
+    ) -> int:
+        """Append ``[start, end)`` of ``remote_file`` to ``part``, feeding ``hasher``, in order.
+
+        Up to DOWNLOAD_WINDOW block reads are in flight; blocks are written strictly in offset
+        order, so after any interruption ``part`` is an exact prefix of the remote file.
+        """
+        pending: deque[tuple[int, asyncio.Future[bytes]]] = deque()
+        offset = start
+        sent = 0
+        try:
+            with part.open("ab") as out:
+                while True:
+                    while offset < end and len(pending) < DOWNLOAD_WINDOW:
+                        n = min(SFTP_BLOCK, end - offset)
+                        pending.append((n, asyncio.ensure_future(remote_file.read(n, offset))))
+                        offset += n
+                    if not pending:
+                        return sent
+                    n, future = pending.popleft()
+                    with self._boundary(what):
+                        data = await future
+                    if len(data) != n:
+                        out.close()
+                        part.unlink(missing_ok=True)
+                        raise IntegrityError(f"{self._where}: {what} ended early; the remote file shrank mid-transfer")
+                    out.write(data)
+                    hasher.update(data)
+                    sent += n
+        finally:
+            for _, future in pending:
+                future.cancel()
+            if pending:
+                await asyncio.gather(*(f for _, f in pending), return_exceptions=True)
+
+    async def read_from(self, remote: str, offset: int, limit: int = 1 << 20) -> bytes:
+        """Bytes of ``remote`` from ``offset`` (b"" if the file does not exist yet)."""
+        sftp = await self._sftp()
+        with self._boundary(f"reading {remote}"):
+            try:
+                async with sftp.open(remote, "rb") as f:
+                    data: bytes = await f.read(limit, offset)
+                    return data
+            except asyncssh.SFTPNoSuchFile:
+                return b""
+
+    async def write_file(self, remote: str, data: bytes, mode: int = 0o644) -> None:
+        """Write a small file atomically (temp + chmod + rename) with ``mode``."""
+        sftp = await self._sftp()
+        tmp = f"{remote}.tmp-{secrets.token_hex(6)}"
+        parent = posixpath.dirname(remote)
+        with self._boundary(f"writing {remote}"):
+            if parent:
+                await sftp.makedirs(parent, exist_ok=True)
+            # Created with the final mode (0600 for secrets), so it is never readable by others.
+            async with sftp.open(tmp, "wb", asyncssh.SFTPAttrs(permissions=mode)) as f:
+                await f.write(data)
+            await sftp.chmod(tmp, mode)  # the remote umask may have narrowed the mode at open
+        await self._rename(tmp, remote)
+
+    async def realpath(self, path: str) -> str:
+        """The host's canonical path for ``path``, symlinks resolved; missing tails kept as is."""
+        sftp = await self._sftp()
+        tail: list[str] = []
+        current = path
+        with self._boundary(f"resolving {path}"):
+            while True:
+                try:
+                    resolved = str(await sftp.realpath(current))
+                    break
+                except asyncssh.SFTPNoSuchFile:
+                    # Only an existing component can be a symlink: resolve the existing prefix.
+                    head, name = posixpath.split(current.rstrip("/"))
+                    if not name or head == current:
+                        raise
+                    tail.insert(0, name)
+                    current = head or "."
+        return posixpath.join(resolved, *tail) if tail else resolved
+
+    async def _rename(self, tmp: str, remote: str) -> None:
+        sftp = await self._sftp()
+        with self._boundary(f"renaming {tmp} to {remote}"):
+            try:
+                await sftp.posix_rename(tmp, remote)  # atomic replace (OpenSSH extension)
+                return
+            except asyncssh.SFTPOpUnsupported:
+                pass
+        result = await self.run(f"mv -f -- {shlex.quote(tmp)} {shlex.quote(remote)}")
+        if result.exit_status != 0:
+            raise RemoteError(f"cannot rename {tmp} to {remote} on {self._where}: {result.stderr.strip()[:200]}")
+
+    async def _remove_quietly(self, remote: str) -> None:
+        with contextlib.suppress(MhdError):
+            sftp = await self._sftp()
+            with self._boundary(f"removing {remote}"), contextlib.suppress(asyncssh.SFTPNoSuchFile):
+                await sftp.remove(remote)
+
+    # ---- lifecycle --------------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._conn.is_closed()
+
+    async def close(self) -> None:
+        if self._sftp_client is not None:
+            self._sftp_client.exit()
+            self._sftp_client = None
+        self._conn.close()
+        # A dead link must not make close() hang: the socket is gone either way.
+        with contextlib.suppress(asyncio.TimeoutError, asyncssh.Error, OSError):
+            await asyncio.wait_for(self._conn.wait_closed(), 5)
+
+    async def __aenter__(self) -> SshSession:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+
+# ---- manifest paths -----------------------------------------------------------------------------
+
+
+def validate_manifest_path(rel: str) -> str:
+    """A manifest's file name, checked and normalised (``"./a//b"`` → ``"a/b"``).
+
+    Rejected with IntegrityError: empty, absolute, any ``..`` component, backslashes, NUL or other
+    control characters. What is returned can be joined under a run dir on either side safely
+    (symlinks on the remote aside: see :func:`resolve_manifest_path`).
+    """
+    if not isinstance(rel, str) or not rel:
+        raise IntegrityError("manifest lists an empty file name; the manifest is corrupt")
+    shown = repr(rel)[:120]
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in rel):
+        raise IntegrityError(f"manifest file name {shown} contains control characters (NUL, newline, …)")
+    if "\\" in rel:
+        raise IntegrityError(f"manifest file name {shown} contains a backslash; only POSIX relative paths are allowed")
+    if rel.startswith("/"):
+        raise IntegrityError(f"manifest file name {shown} is absolute; only paths inside the run dir are allowed")
+    parts = [p for p in rel.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise IntegrityError(f"manifest file name {shown} climbs out with '..'")
+    if not parts:
+        raise IntegrityError(f"manifest file name {shown} names the run dir itself, not a file")
+    return "/".join(parts)
+
+
+async def remote_realpath_inside(session: Session, root: str, rel: str) -> bool:
+    """Whether ``root/rel`` on the host, symlinks resolved, stays inside ``root``.
+
+    Uses SFTP realpath on an :class:`SshSession`, ``realpath -m`` through ``run`` otherwise.
+    """
+    rel = validate_manifest_path(rel)
+    root_real = await _realpath(session, root)
+    target = await _realpath(session, posixpath.join(root, rel))
+    return target == root_real or target.startswith(root_real.rstrip("/") + "/")
+
+
+async def resolve_manifest_path(session: Session, root: str, rel: str) -> str:
+    """``root/rel`` after :func:`validate_manifest_path` and the symlink check, else IntegrityError."""
+    clean = validate_manifest_path(rel)
+    if not await remote_realpath_inside(session, root, clean):
+        raise IntegrityError(f"manifest file {clean!r} resolves outside the run dir {root} (symlink); refusing it")
+    return posixpath.join(root, clean)
+
+
+async def _realpath(session: Session, path: str) -> str:
+    if isinstance(session, SshSession):
+        return await session.realpath(path)
+    result = await session.run(f"realpath -m -- {shlex.quote(path)}")
+    if result.exit_status != 0:
+        raise RemoteError(f"cannot resolve {path}: {result.stderr.strip()[:200]}")
+    return result.stdout.strip()

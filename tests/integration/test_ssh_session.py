@@ -1,0 +1,679 @@
+"""SshSession against a real OpenSSH sshd on 127.0.0.1, with a TCP proxy to break the link.
+
+The "remote" host is this machine, so a test can look at the remote side of a transfer with plain
+file-system calls. Every test runs its own event loop (``asyncio.run``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import hashlib
+import os
+import posixpath
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mhd.errors import ConnectionLost, HostKeyMismatch, IntegrityError, RemoteError
+from mhd.remote.provider import Endpoint
+from mhd.remote.session import Session
+from mhd.remote.ssh import (
+    SshSession,
+    connect,
+    host_key_fingerprint,
+    pinned_key_from_known_hosts,
+    remote_realpath_inside,
+    resolve_manifest_path,
+    validate_manifest_path,
+)
+from tests.support.sshd import SshServer, free_port
+from tests.support.tcpproxy import TcpProxy
+
+MiB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def sshd() -> Iterator[SshServer]:
+    with SshServer() as server:
+        yield server
+
+
+@pytest.fixture
+def own_sshd() -> Iterator[SshServer]:
+    """A server a test may restart or re-key without disturbing the others."""
+    with SshServer() as server:
+        yield server
+
+
+@pytest.fixture
+def proxy(sshd: SshServer) -> Iterator[TcpProxy]:
+    with TcpProxy(sshd.host, sshd.port) as p:
+        yield p
+
+
+def via(proxy: TcpProxy, server: SshServer) -> Endpoint:
+    return Endpoint(proxy.host, proxy.port, server.user)
+
+
+async def open_session(
+    server: SshServer,
+    endpoint: Endpoint | None = None,
+    *,
+    pinned: str | None = None,
+    deadline_s: float = 10.0,
+    keepalive_interval: float = 15.0,
+    keepalive_count_max: int = 4,
+    attempts: list[BaseException] | None = None,
+    base_delay: float = 0.1,
+) -> SshSession:
+    session, _ = await connect(
+        endpoint or server.endpoint,
+        key_file=server.client_key_path,
+        pinned_host_key=pinned,
+        keepalive_interval=keepalive_interval,
+        keepalive_count_max=keepalive_count_max,
+        deadline_s=deadline_s,
+        base_delay=base_delay,
+        max_delay=1.0,
+        on_attempt=(lambda _n, exc: attempts.append(exc)) if attempts is not None else None,
+    )
+    return session
+
+
+def random_file(path: Path, size: int) -> str:
+    """Write ``size`` random bytes in 1 MiB pieces (never the whole file in memory); its sha256."""
+    h = hashlib.sha256()
+    with path.open("wb") as f:
+        left = size
+        while left:
+            block = os.urandom(min(MiB, left))
+            f.write(block)
+            h.update(block)
+            left -= len(block)
+    return h.hexdigest()
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(MiB):
+            h.update(block)
+    return h.hexdigest()
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie (PID 1 here does not reap orphans)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+# ---- connect: host keys, backoff, deadline ------------------------------------------------------
+
+
+def test_first_contact_returns_host_key_and_the_pin_is_accepted_next_time(sshd: SshServer) -> None:
+    async def scenario() -> tuple[str, str]:
+        first, key = await connect(
+            sshd.endpoint,
+            key_file=sshd.client_key_path,
+            pinned_host_key=None,
+            keepalive_interval=15,
+            keepalive_count_max=4,
+            deadline_s=10,
+        )
+        await first.close()
+        again, key2 = await connect(
+            sshd.endpoint,
+            key_file=sshd.client_key_path,
+            pinned_host_key=key,
+            keepalive_interval=15,
+            keepalive_count_max=4,
+            deadline_s=10,
+        )
+        async with again:
+            assert (await again.run("echo ok")).stdout == "ok\n"
+        return key, key2
+
+    key, key2 = asyncio.run(scenario())
+    assert key == sshd.host_public_key
+    assert key.startswith("ssh-ed25519 AAAA")
+    assert key2 == key
+    assert isinstance(SshSession, type) and issubclass(SshSession, object)
+
+
+def test_session_satisfies_the_session_protocol(sshd: SshServer) -> None:
+    async def scenario() -> bool:
+        async with await open_session(sshd) as session:
+            return isinstance(session, Session)
+
+    assert asyncio.run(scenario())
+
+
+def test_changed_host_key_is_refused_naming_both_fingerprints_and_never_retried(own_sshd: SshServer) -> None:
+    old_key = own_sshd.host_public_key
+    new_key = own_sshd.rotate_host_key()
+    assert new_key != old_key
+    attempts: list[BaseException] = []
+    with TcpProxy(own_sshd.host, own_sshd.port) as proxy:
+        started = time.monotonic()
+        with pytest.raises(HostKeyMismatch) as err:
+            asyncio.run(open_session(own_sshd, via(proxy, own_sshd), pinned=old_key, deadline_s=30, attempts=attempts))
+        elapsed = time.monotonic() - started
+        connections = proxy.connections
+    message = str(err.value)
+    assert f"{proxy.host}:{proxy.port}" in message
+    assert host_key_fingerprint(old_key) in message
+    assert host_key_fingerprint(new_key) in message
+    assert attempts == [] and connections == 1, "a host-key refusal must not be retried"
+    assert elapsed < 5
+
+
+def test_pinned_key_of_another_type_is_a_mismatch_not_a_retry_loop(sshd: SshServer, tmp_path: Path) -> None:
+    # The server only has ed25519; a pin of type RSA must still fail fast and clearly.
+    import subprocess
+
+    subprocess.run(["ssh-keygen", "-q", "-t", "rsa", "-b", "2048", "-N", "", "-f", str(tmp_path / "k")], check=True)
+    rsa_pin = " ".join((tmp_path / "k.pub").read_text().split()[:2])
+    attempts: list[BaseException] = []
+    with pytest.raises(HostKeyMismatch, match="changed"):
+        asyncio.run(open_session(sshd, pinned=rsa_pin, deadline_s=20, attempts=attempts))
+    assert attempts == []
+
+
+def test_connect_waits_with_backoff_for_sshd_that_comes_up_late() -> None:
+    server = SshServer()  # keys ready, not started
+    try:
+        timer = threading.Timer(2.0, server.start)
+        attempts: list[BaseException] = []
+        started = time.monotonic()
+        timer.start()
+
+        async def scenario() -> str:
+            async with await open_session(server, deadline_s=30, attempts=attempts, base_delay=0.2) as s:
+                return (await s.run("echo up")).stdout
+
+        assert asyncio.run(scenario()) == "up\n"
+        elapsed = time.monotonic() - started
+        timer.join()
+    finally:
+        server.close()
+    assert elapsed >= 2.0
+    assert len(attempts) >= 2 and all(isinstance(e, OSError) for e in attempts)
+    assert elapsed < 15, "backoff with max_delay=1s should reconnect soon after sshd is up"
+
+
+def test_connect_gives_up_at_the_deadline_with_connection_lost(sshd: SshServer) -> None:
+    dead = Endpoint("127.0.0.1", free_port(), sshd.user)
+    attempts: list[BaseException] = []
+    started = time.monotonic()
+    with pytest.raises(ConnectionLost, match=r"within 1\.5s") as err:
+        asyncio.run(open_session(sshd, dead, deadline_s=1.5, attempts=attempts, base_delay=0.05))
+    elapsed = time.monotonic() - started
+    assert 1.5 <= elapsed < 4
+    assert len(attempts) >= 3
+    assert isinstance(err.value.__cause__, OSError)
+
+
+def test_unauthorized_key_is_a_permanent_error_with_a_fix(sshd: SshServer, tmp_path: Path) -> None:
+    import subprocess
+
+    stranger = tmp_path / "stranger"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(stranger)], check=True)
+    attempts: list[BaseException] = []
+
+    async def scenario() -> None:
+        await connect(
+            sshd.endpoint,
+            key_file=stranger,
+            pinned_host_key=None,
+            keepalive_interval=15,
+            keepalive_count_max=4,
+            deadline_s=20,
+            on_attempt=lambda _n, exc: attempts.append(exc),
+        )
+
+    with pytest.raises(RemoteError, match="authorized_keys") as err:
+        asyncio.run(scenario())
+    assert not isinstance(err.value, ConnectionLost)
+    assert attempts == []
+    assert stranger.read_text() not in str(err.value)
+
+
+def test_missing_key_file_is_a_permanent_error(sshd: SshServer, tmp_path: Path) -> None:
+    async def scenario() -> None:
+        await connect(
+            sshd.endpoint,
+            key_file=tmp_path / "nope",
+            pinned_host_key=None,
+            keepalive_interval=15,
+            keepalive_count_max=4,
+            deadline_s=20,
+        )
+
+    with pytest.raises(RemoteError, match="key_file") as err:
+        asyncio.run(scenario())
+    assert not isinstance(err.value, ConnectionLost)
+
+
+def test_pin_can_come_from_a_known_hosts_file(sshd: SshServer) -> None:
+    pin = pinned_key_from_known_hosts(sshd.known_hosts_path, sshd.host, sshd.port)
+    assert pin == sshd.host_public_key
+    assert pinned_key_from_known_hosts(sshd.known_hosts_path, "10.9.9.9", 22) is None
+
+
+# ---- run ----------------------------------------------------------------------------------------
+
+
+def test_run_returns_real_exit_statuses(sshd: SshServer) -> None:
+    async def scenario() -> list[tuple[int, str, str]]:
+        async with await open_session(sshd) as s:
+            out = []
+            for command, stdin in [
+                ("echo hello", None),
+                ("echo 'exit status: 0' ; exit 3", None),  # stdout that lies about the status
+                ("echo oops >&2; exit 255", None),
+                ("kill -9 $$", None),
+                ("tr a-z A-Z", "piped in"),
+                ("cat; echo after-eof", None),  # no input: stdin is at EOF, not left hanging
+            ]:
+                r = await s.run(command, input=stdin, timeout=20)
+                out.append((r.exit_status, r.stdout, r.stderr))
+            return out
+
+    results = asyncio.run(scenario())
+    assert results[0] == (0, "hello\n", "")
+    assert results[1][0] == 3 and results[1][1] == "exit status: 0\n"
+    assert results[2] == (255, "", "oops\n")
+    assert results[3][0] == -9
+    assert results[4] == (0, "PIPED IN", "")
+    assert results[5] == (0, "after-eof\n", "")
+
+
+def test_command_timeout_on_a_live_link_is_a_command_failure(sshd: SshServer) -> None:
+    async def scenario() -> None:
+        async with await open_session(sshd) as s:
+            await s.run("sleep 30", timeout=1)
+
+    started = time.monotonic()
+    with pytest.raises(RemoteError, match="did not finish") as err:
+        asyncio.run(scenario())
+    assert not isinstance(err.value, ConnectionLost)
+    assert time.monotonic() - started < 15
+
+
+def test_cut_during_a_command_is_connection_lost(sshd: SshServer, proxy: TcpProxy) -> None:
+    async def scenario() -> None:
+        async with await open_session(sshd, via(proxy, sshd)) as s:
+            threading.Timer(0.5, proxy.cut).start()
+            await s.run("sleep 5")
+
+    with pytest.raises(ConnectionLost):
+        asyncio.run(scenario())
+
+
+def test_keepalive_notices_a_silently_dead_link(sshd: SshServer, proxy: TcpProxy) -> None:
+    async def scenario() -> None:
+        async with await open_session(sshd, via(proxy, sshd), keepalive_interval=0.5, keepalive_count_max=2) as s:
+            proxy.stall()
+            await s.run("sleep 0.1", timeout=60)
+
+    started = time.monotonic()
+    try:
+        with pytest.raises(ConnectionLost):
+            asyncio.run(scenario())
+    finally:
+        proxy.unstall()
+    assert time.monotonic() - started < 10, "keepalive (0.5 s x 2) should notice well before the 60 s timeout"
+
+
+# ---- upload -------------------------------------------------------------------------------------
+
+
+def test_upload_verifies_sha256_remotely_and_skips_an_identical_file(sshd: SshServer, tmp_path: Path) -> None:
+    local = tmp_path / "dataset.jsonl"
+    sha = random_file(local, 3 * MiB + 17)
+    remote_dir = tmp_path / "remote" / "runs" / "mhd-1"
+    remote = remote_dir / "input" / "dataset.jsonl"
+
+    async def scenario() -> tuple[bool, bool, str | None]:
+        async with await open_session(sshd) as s:
+            first = await s.upload(local, str(remote), sha)
+            second = await s.upload(local, str(remote), sha)
+            return first, second, await s.remote_sha256(str(remote))
+
+    first, second, remote_sha = asyncio.run(scenario())
+    assert (first, second) == (True, False)
+    assert remote_sha == sha == sha256_of(remote)
+    assert sorted(p.name for p in remote.parent.iterdir()) == ["dataset.jsonl"], "no temp file left behind"
+
+
+def test_upload_with_wrong_sha_is_refused_and_leaves_the_target_alone(sshd: SshServer, tmp_path: Path) -> None:
+    local = tmp_path / "trainer.py"
+    random_file(local, 100_000)
+    remote = tmp_path / "remote" / "trainer.py"
+    remote.parent.mkdir()
+    remote.write_bytes(b"previous version")
+    (remote.parent / "trainer.py.tmp-deadbeef").write_bytes(b"left by a dropped upload")
+
+    async def scenario() -> None:
+        async with await open_session(sshd) as s:
+            await s.upload(local, str(remote), "0" * 64)
+
+    with pytest.raises(IntegrityError, match="sha256"):
+        asyncio.run(scenario())
+    assert remote.read_bytes() == b"previous version"
+    assert [p.name for p in remote.parent.iterdir()] == ["trainer.py"], "temp files cleaned up"
+
+
+def test_upload_replaces_a_remote_file_with_other_content(sshd: SshServer, tmp_path: Path) -> None:
+    local = tmp_path / "a.bin"
+    sha = random_file(local, 70_000)
+    remote = tmp_path / "remote.bin"
+    remote.write_bytes(b"stale")
+
+    async def scenario() -> bool:
+        async with await open_session(sshd) as s:
+            return await s.upload(local, str(remote), sha)
+
+    assert asyncio.run(scenario()) is True
+    assert sha256_of(remote) == sha
+
+
+# ---- download -----------------------------------------------------------------------------------
+
+
+def test_download_resumes_from_the_part_file_after_three_cuts(sshd: SshServer, proxy: TcpProxy, tmp_path: Path) -> None:
+    size = 64 * MiB
+    remote = tmp_path / "remote" / "adapter_model.safetensors"
+    remote.parent.mkdir()
+    sha = random_file(remote, size)
+    local = tmp_path / "local" / "adapter_model.safetensors"
+    part = local.with_name(local.name + ".part")
+    starts: list[int] = []  # size of the .part when each attempt began
+    outcomes: list[str] = []
+
+    async def scenario() -> int:
+        for _ in range(10):
+            starts.append(part.stat().st_size if part.exists() else 0)
+            if proxy.cuts < 3:
+                proxy.cut_after(14 * MiB)  # drop the link ~14 MiB into this attempt
+            try:
+                session = await open_session(sshd, via(proxy, sshd), pinned=sshd.host_public_key)
+                async with session:
+                    sent = await session.download(str(remote), local, sha, size)
+                    outcomes.append("done")
+                    return sent
+            except ConnectionLost:
+                outcomes.append("cut")
+        raise AssertionError(f"never finished: {outcomes}")
+
+    last_sent = asyncio.run(scenario())
+    assert outcomes == ["cut", "cut", "cut", "done"]
+    assert sha256_of(local) == sha and not part.exists()
+    assert starts[0] == 0 and starts[1] > 0, "the first cut left a partial file"
+    assert starts == sorted(starts) and len(set(starts)) == 4, f"each attempt resumed further on: {starts}"
+    assert last_sent == size - starts[-1], "the last attempt only fetched the missing tail"
+    # What crossed the wire in total: about one file, not four.
+    assert size <= proxy.bytes_down < 1.5 * size, proxy.bytes_down
+
+
+def test_download_of_a_corrupted_remote_file_raises_and_leaves_nothing(sshd: SshServer, tmp_path: Path) -> None:
+    remote = tmp_path / "remote.bin"
+    sha = random_file(remote, 2 * MiB)
+    with remote.open("r+b") as f:  # one flipped byte after the manifest was written
+        f.seek(MiB)
+        byte = f.read(1)
+        f.seek(MiB)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    local = tmp_path / "out" / "adapter.bin"
+
+    async def scenario() -> None:
+        async with await open_session(sshd) as s:
+            await s.download(str(remote), local, sha, 2 * MiB)
+
+    with pytest.raises(IntegrityError, match="sha256"):
+        asyncio.run(scenario())
+    assert not local.exists()
+    assert list(local.parent.iterdir()) == []
+
+
+def test_download_with_a_wrong_size_raises_integrity_error(sshd: SshServer, tmp_path: Path) -> None:
+    remote = tmp_path / "remote.bin"
+    sha = random_file(remote, 1000)
+
+    async def scenario() -> None:
+        async with await open_session(sshd) as s:
+            await s.download(str(remote), tmp_path / "x", sha, 999)
+
+    with pytest.raises(IntegrityError, match="1000 bytes"):
+        asyncio.run(scenario())
+
+
+def test_download_of_a_missing_remote_file_is_integrity_error(sshd: SshServer, tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with await open_session(sshd) as s:
+            await s.download(str(tmp_path / "absent"), tmp_path / "x", "0" * 64)
+
+    with pytest.raises(IntegrityError, match="does not exist"):
+        asyncio.run(scenario())
+
+
+def test_a_corrupt_part_file_is_dropped_and_the_next_attempt_starts_over(sshd: SshServer, tmp_path: Path) -> None:
+    remote = tmp_path / "remote.bin"
+    sha = random_file(remote, 3 * MiB)
+    local = tmp_path / "local.bin"
+    part = tmp_path / "local.bin.part"
+    part.write_bytes(b"\0" * MiB)  # not a prefix of the remote file
+
+    async def scenario() -> tuple[int, int]:
+        async with await open_session(sshd) as s:
+            with pytest.raises(IntegrityError):
+                await s.download(str(remote), local, sha)
+            assert not part.exists()
+            first = await s.download(str(remote), local, sha)
+            again = await s.download(str(remote), local, sha)
+            return first, again
+
+    first, again = asyncio.run(scenario())
+    assert (first, again) == (3 * MiB, 0)
+    assert sha256_of(local) == sha
+
+
+def test_download_memory_does_not_grow_with_file_size(sshd: SshServer, tmp_path: Path) -> None:
+    size = 256 * MiB
+    remote = tmp_path / "merged.gguf"
+    sha = random_file(remote, size)
+    local = tmp_path / "local.gguf"
+    me = psutil.Process()
+    peak = 0
+    stop = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not stop.is_set():
+            peak = max(peak, me.memory_info().rss)
+            time.sleep(0.005)
+
+    async def scenario() -> int:
+        async with await open_session(sshd) as s:
+            await s.run("true")  # warm up: SFTP/crypto buffers are not what we measure
+            gc.collect()
+            nonlocal peak
+            baseline = me.memory_info().rss
+            peak = baseline
+            sampler = threading.Thread(target=sample, daemon=True)
+            sampler.start()
+            try:
+                await s.download(str(remote), local, sha, size)
+            finally:
+                stop.set()
+                sampler.join()
+            return baseline
+
+    baseline = asyncio.run(scenario())
+    growth = peak - baseline
+    assert sha256_of(local) == sha
+    assert growth < 40 * MiB, f"RSS grew by {growth / MiB:.1f} MiB during a {size // MiB} MiB download"
+
+
+# ---- small files --------------------------------------------------------------------------------
+
+
+def test_write_file_is_atomic_with_mode_and_read_from_reads_at_an_offset(sshd: SshServer, tmp_path: Path) -> None:
+    target = tmp_path / "run" / "secrets" / "env"
+
+    async def scenario() -> tuple[bytes, bytes, bytes]:
+        async with await open_session(sshd) as s:
+            await s.write_file(str(target), b"TOKEN=abc\nMORE=1\n", 0o600)
+            await s.write_file(str(target), b"TOKEN=xyz\nMORE=2\n", 0o600)
+            return (
+                await s.read_from(str(target), 0),
+                await s.read_from(str(target), 10, limit=6),
+                await s.read_from(str(tmp_path / "progress.jsonl"), 0),
+            )
+
+    whole, piece, missing = asyncio.run(scenario())
+    assert whole == b"TOKEN=xyz\nMORE=2\n"
+    assert piece == b"MORE=2"
+    assert missing == b""
+    assert target.stat().st_mode & 0o777 == 0o600
+    assert [p.name for p in target.parent.iterdir()] == ["env"]
+
+
+def test_read_from_past_the_end_is_empty(sshd: SshServer, tmp_path: Path) -> None:
+    f = tmp_path / "progress.jsonl"
+    f.write_bytes(b'{"step": 1}\n')
+
+    async def scenario() -> bytes:
+        async with await open_session(sshd) as s:
+            return await s.read_from(str(f), 100)
+
+    assert asyncio.run(scenario()) == b""
+
+
+# ---- manifest paths -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["", "/etc/passwd", "../secrets", "adapter/../../x", "a\\b", "a\x00b", "a\nb", ".", "./", "adapter/.."],
+)
+def test_unsafe_manifest_paths_are_refused(bad: str) -> None:
+    with pytest.raises(IntegrityError):
+        validate_manifest_path(bad)
+
+
+@pytest.mark.parametrize(
+    ("given_path", "expected"),
+    [("adapter/adapter_model.safetensors", "adapter/adapter_model.safetensors"), ("./a//b/", "a/b"), ("x..y", "x..y")],
+)
+def test_safe_manifest_paths_are_normalised(given_path: str, expected: str) -> None:
+    assert validate_manifest_path(given_path) == expected
+
+
+@given(st.text())
+def test_an_accepted_manifest_path_never_leaves_the_root(rel: str) -> None:
+    try:
+        clean = validate_manifest_path(rel)
+    except IntegrityError:
+        return
+    joined = posixpath.normpath(posixpath.join("/run/root", clean))
+    assert joined.startswith("/run/root/")
+    assert "\x00" not in clean and "\\" not in clean
+
+
+def test_symlinks_out_of_the_run_dir_are_detected_on_the_remote(sshd: SshServer, tmp_path: Path) -> None:
+    root = tmp_path / "runs" / "mhd-1"
+    (root / "adapter").mkdir(parents=True)
+    (root / "adapter" / "model.bin").write_bytes(b"x")
+    (tmp_path / "outside").write_bytes(b"secret")
+    (root / "adapter" / "escape").symlink_to(tmp_path / "outside")
+    (root / "up").symlink_to("../..")
+    (root / "inner").symlink_to("adapter")  # a symlink that stays inside is fine
+
+    async def scenario() -> dict[str, bool]:
+        async with await open_session(sshd) as s:
+            verdict = {
+                rel: await remote_realpath_inside(s, str(root), rel)
+                for rel in ["adapter/model.bin", "adapter/escape", "up/outside", "inner/model.bin", "adapter/new.bin"]
+            }
+            with pytest.raises(IntegrityError, match="outside the run dir"):
+                await resolve_manifest_path(s, str(root), "adapter/escape")
+            assert await resolve_manifest_path(s, str(root), "./adapter/model.bin") == f"{root}/adapter/model.bin"
+            return verdict
+
+    assert asyncio.run(scenario()) == {
+        "adapter/model.bin": True,
+        "adapter/escape": False,
+        "up/outside": False,
+        "inner/model.bin": True,
+        "adapter/new.bin": True,
+    }
+
+
+# ---- detached jobs ------------------------------------------------------------------------------
+
+
+def test_detached_job_outlives_the_session_a_cut_and_an_sshd_restart(own_sshd: SshServer, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    pid_file = run_dir / "pid"
+    launch = (
+        f"setsid nohup sh -c 'echo $$ > {pid_file}; sleep 120; echo finished > {run_dir}/exit_code' "
+        f"> {run_dir}/train.log 2>&1 < /dev/null &"
+    )
+    pid = 0
+    with TcpProxy(own_sshd.host, own_sshd.port) as proxy:
+
+        async def launch_and_leave() -> tuple[int, float]:
+            async with await open_session(own_sshd, via(proxy, own_sshd)) as s:
+                started = time.monotonic()
+                result = await s.run(launch, timeout=20)
+                return result.exit_status, time.monotonic() - started
+
+        status, took = asyncio.run(launch_and_leave())
+        assert status == 0 and took < 5, "run() returns at once instead of holding the channel open"
+        for _ in range(50):
+            if pid_file.exists() and pid_file.read_text().strip():
+                break
+            time.sleep(0.1)
+        pid = int(pid_file.read_text())
+        try:
+            proxy.cut()
+            own_sshd.restart()
+            time.sleep(0.5)
+            assert running(pid), "the job died with its SSH session"
+
+            async def check_again() -> int:
+                async with await open_session(own_sshd, via(proxy, own_sshd), pinned=own_sshd.host_public_key) as s:
+                    return (await s.run(f"kill -0 {pid}")).exit_status
+
+            assert asyncio.run(check_again()) == 0
+            assert not (run_dir / "exit_code").exists()
+        finally:
+            if pid and running(pid):
+                os.killpg(pid, 9)  # the group this test started
+
+
+def test_sshd_restart_drops_the_session_and_a_pinned_reconnect_works(own_sshd: SshServer) -> None:
+    async def scenario() -> str:
+        session = await open_session(own_sshd)
+        try:
+            assert (await session.run("echo 1")).exit_status == 0
+            await asyncio.to_thread(own_sshd.restart)
+            with pytest.raises(ConnectionLost):
+                await session.run("echo 2")
+        finally:
+            await session.close()
+        async with await open_session(own_sshd, pinned=own_sshd.host_public_key) as again:
+            return (await again.run("echo 3")).stdout
+
+    assert asyncio.run(scenario()) == "3\n"
