@@ -424,7 +424,8 @@ def drop_overlong(rows: list[dict[str, Any]], tokenizer: Any, max_len: int) -> l
 def compat_kwargs(cls: Any, wanted: dict[str, Any]) -> dict[str, Any]:
     """Map our argument names onto this trl/transformers version's (the image may pin older ones)."""
     names = {f.name for f in fields(cls)}
-    # new name → old name; transformers 5 folded warmup_ratio into a fractional warmup_steps.
+    # our name → the name in versions that lack it (older trl for the first four; transformers 5
+    # folded warmup_ratio into a fractional warmup_steps).
     renames = {"max_length": "max_seq_length", "activation_checkpointing": "gradient_checkpointing",
                "eval_strategy": "evaluation_strategy", "use_cpu": "no_cuda", "warmup_ratio": "warmup_steps"}
     out: dict[str, Any] = {}
@@ -439,11 +440,10 @@ def compat_kwargs(cls: Any, wanted: dict[str, Any]) -> dict[str, Any]:
 
 
 def sft_args(cfg: TrainConfig, run: RunDir, backend: str, has_eval: bool) -> Any:
+    import torch
     from trl import SFTConfig
 
     half = None if backend == "cpu" else half_dtype()
-    import torch
-
     wanted: dict[str, Any] = {
         "output_dir": str(run.checkpoints),
         "num_train_epochs": cfg.num_train_epochs,
