@@ -55,3 +55,7 @@ def denv(tmp_path: Path) -> Iterator[DaemonEnv]:
         yield env
     finally:
         env.cleanup()
+
+
+# The tiny offline model (built once per session) for trainer, merge and e2e tests.
+from tests.support.tiny import tiny_model_dir  # noqa: E402, F401
