@@ -26,7 +26,7 @@ _TERMINATE_SH = r"""
 d=$1; ticks=$2
 [ -f "$d/pid" ] || { echo no-job; exit 0; }
 [ -f "$d/exit_code" ] && { echo finished; exit 0; }
-pg=$(cat "$d/pid" 2>/dev/null | tr -d ' \n')
+pg=; read -r pg < "$d/pid" || true
 case $pg in ''|*[!0-9]*) echo bad-pid; exit 0;; esac
 [ "$pg" -gt 1 ] || { echo bad-pid; exit 0; }
 alive() {
