@@ -65,6 +65,7 @@ _SFTP_SERVER_CANDIDATES = (
     Path("/usr/libexec/sftp-server"),  # Arch, Alpine
 )
 LOOPBACK = "127.0.0.1"
+HOST_KEY_ALIAS = "mhd-test-sshd"
 # Servers still running when the interpreter exits (a test that forgot close(), Ctrl-C) are
 # stopped then. sshd stays in pytest's process group, so killing that group ends it as well.
 _LIVE: weakref.WeakSet[SshServer] = weakref.WeakSet()
@@ -260,9 +261,14 @@ class SshServer:
         return ["scp", "-q", *self.ssh_options(), "-P", str(self.port), *(p.replace("REMOTE:", target) for p in paths)]
 
     def ssh_options(self) -> list[str]:
+        """OpenSSH client options for this server: its client key and a strict host-key check.
+
+        Work through a proxy too: ``["ssh", *server.ssh_options(), "-p", str(proxy.port), ...]``.
+        """
         return [
             "-i", str(self.client_key_path),
             "-o", f"UserKnownHostsFile={self.known_hosts_path}",
+            "-o", f"HostKeyAlias={HOST_KEY_ALIAS}",
             "-o", "StrictHostKeyChecking=yes",
             "-o", "BatchMode=yes",
             "-o", "IdentitiesOnly=yes",
@@ -304,7 +310,11 @@ class SshServer:
         )
 
     def _write_known_hosts(self) -> None:
-        self.known_hosts_path.write_text(f"[{self.host}]:{self.port} {self.host_public_key}\n")
+        # Two entries: the real address (for asyncssh's known_hosts reader), and an alias that
+        # ssh_options() names, so `ssh`/`scp` through a TcpProxy on another port verify it too.
+        self.known_hosts_path.write_text(
+            f"[{self.host}]:{self.port} {self.host_public_key}\n{HOST_KEY_ALIAS} {self.host_public_key}\n"
+        )
 
     def _write_config(self) -> None:
         options: dict[str, str] = {

@@ -16,6 +16,7 @@ method is a plain blocking call, safe from any thread.
         proxy.resume()                # ... and accept them again, same port
         proxy.stall()                 # keep connections open but forward nothing (dead link)
         proxy.unstall()
+        proxy.latency_s = 0.05        # from now on, each direction is 50 ms late (RTT 100 ms)
         proxy.connections, proxy.active, proxy.cuts, proxy.bytes_down, proxy.bytes_up
 
 "down" is target→client (what a download reads), "up" is client→target.
@@ -32,6 +33,7 @@ from typing import Any, Literal, TypeVar
 
 _T = TypeVar("_T")
 _CHUNK = 64 * 1024
+_QUEUE_CHUNKS = 512  # up to 32 MiB in transit per direction: enough for latency x bandwidth
 
 
 class _Link:
@@ -52,9 +54,18 @@ class TcpProxy:
     """Forward ``listen_host:listen_port`` (default: a free port on 127.0.0.1) to a target."""
 
     def __init__(
-        self, target_host: str, target_port: int, *, listen_host: str = "127.0.0.1", listen_port: int = 0
+        self,
+        target_host: str,
+        target_port: int,
+        *,
+        listen_host: str = "127.0.0.1",
+        listen_port: int = 0,
+        latency_s: float = 0.0,
     ) -> None:
+        """``latency_s`` delays every byte by that much in each direction (RTT = 2 x latency_s),
+        without limiting bandwidth: a far-away pod on a fast link."""
         self.target = (target_host, target_port)
+        self.latency_s = latency_s
         self.host = listen_host
         self.port = listen_port
         self.connections = 0  # accepted in total
@@ -215,10 +226,42 @@ class TcpProxy:
     async def _pump(
         self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, direction: Literal["up", "down"]
     ) -> None:
+        """Read from ``src``; a sender task delivers each chunk ``latency_s`` after it arrived.
+
+        The bounded queue keeps TCP back-pressure end to end, so the proxy never hoards data.
+        """
         assert self._flowing is not None
-        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
-            while data := await src.read(_CHUNK):
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[float, bytes] | None] = asyncio.Queue(maxsize=_QUEUE_CHUNKS)
+        sender = asyncio.create_task(self._send(queue, dst, direction))
+        try:
+            with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+                while not sender.done() and (data := await src.read(_CHUNK)):
+                    await self._flowing.wait()
+                    await queue.put((loop.time() + self.latency_s, data))
+            while not sender.done():  # tell the sender we are done, unless it already is
+                try:
+                    queue.put_nowait(None)
+                    break
+                except asyncio.QueueFull:
+                    await asyncio.sleep(0.01)
+            await sender
+        finally:
+            sender.cancel()
+
+    async def _send(
+        self, queue: asyncio.Queue[tuple[float, bytes] | None], dst: asyncio.StreamWriter, direction: str
+    ) -> None:
+        assert self._flowing is not None
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(OSError):
+            while (item := await queue.get()) is not None:
+                due, data = item
+                if (wait := due - loop.time()) > 0:
+                    await asyncio.sleep(wait)
                 await self._flowing.wait()
+                if dst.is_closing():
+                    return
                 dst.write(data)
                 await dst.drain()
                 if direction == "down":
