@@ -66,6 +66,8 @@ class RunpodConfig(_Section):
     ssh_key_file: Path | None = None
     max_unattended: float = 7200.0
     reap_interval_s: float = Field(300.0, gt=0)
+    # Where run folders live on the pod (the image's large disk).
+    remote_root: str = "/workspace/mhd"
     ready_deadline_s: float = Field(900.0, gt=0)
 
     _dur = field_validator("max_unattended", mode="before")(lambda v: parse_duration(v))

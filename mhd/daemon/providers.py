@@ -13,8 +13,6 @@ from mhd.remote.session import Session
 from mhd.states.context import Connector
 from mhd.store import Run
 
-RUNPOD_REMOTE_ROOT = "/workspace/mhd"
-
 
 def build_provider(cfg: Config) -> tuple[Provider, str]:
     """The provider and the remote root under which run folders live."""
@@ -30,8 +28,8 @@ def build_provider(cfg: Config) -> tuple[Provider, str]:
     pub = Path(str(key_file) + ".pub")
     public_key = pub.read_text().strip() if pub.exists() else None
     provider = RunpodProvider(cfg.runpod, load_api_key(cfg.runpod, dict(os.environ)), public_key=public_key,
-                              env={"MHD_ROOT": RUNPOD_REMOTE_ROOT})
-    return provider, RUNPOD_REMOTE_ROOT
+                              env={"MHD_ROOT": cfg.runpod.remote_root})
+    return provider, cfg.runpod.remote_root
 
 
 def _ssh_key_file(cfg: Config) -> Path:
