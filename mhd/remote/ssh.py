@@ -37,6 +37,7 @@ from types import TracebackType
 from typing import Any
 
 import asyncssh
+from asyncssh.encryption import get_default_encryption_algs
 from asyncssh.public_key import get_default_public_key_algs
 
 from mhd.errors import ConnectionLost, HostKeyMismatch, IntegrityError, MhdError, RemoteError
@@ -54,6 +55,10 @@ DOWNLOAD_WINDOW = 32
 # 2 MiB per round trip (20 MiB/s at 100 ms to a far-away pod); 8 MiB matches what the SFTP
 # read window above keeps in flight. Memory is still bounded by the reads we ask for.
 CHANNEL_WINDOW = 8 << 20
+# AES-GCM first: with AES-NI (every GPU server) it moved 40-50% more SFTP MiB/s than asyncssh's
+# default chacha20-poly1305 on loopback, on both the client and sshd side. The rest follow as is.
+_FAST_CIPHERS = ["aes256-gcm@openssh.com", "aes128-gcm@openssh.com"]
+ENCRYPTION_ALGS = _FAST_CIPHERS + [a.decode() for a in get_default_encryption_algs() if a.decode() not in _FAST_CIPHERS]
 # Longest single connection attempt (TCP + handshake + auth); a pod's sshd under load is slow.
 ATTEMPT_TIMEOUT_S = 30.0
 # How long a liveness probe may take after a command timed out, before we call the link dead.
@@ -61,21 +66,40 @@ PROBE_TIMEOUT_S = 10.0
 _HASH_CHUNK = 1 << 20
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
-# Exit codes of the remote sha256 helper script below.
-_SHA_MISSING = 3
-_SHA_NO_TOOL = 4
-_SHA256_SH = (
-    f'[ -f "$1" ] || exit {_SHA_MISSING}; '
-    'if command -v sha256sum >/dev/null 2>&1; then exec sha256sum -b -- "$1"; fi; '
-    'for py in python3 python; do command -v $py >/dev/null 2>&1 && exec $py -c "$2" "$1"; done; '
-    f"exit {_SHA_NO_TOOL}"
-)
+# Remote helper scripts (run through `sh -c`, arguments positional, so no path needs quoting).
+# They hash with sha256sum, or python where coreutils is missing, and signal by exit status:
+_SHA_MISSING = 3  # the file does not exist
+_SHA_NO_TOOL = 4  # neither sha256sum nor python on the host
+_SHA_DIFFERS = 7  # upload commit: the temp file's hash is not the expected one
 _PY_SHA256 = (
     "import hashlib,sys\n"
     "h=hashlib.sha256()\n"
     "with open(sys.argv[1],'rb') as f:\n"
     "    for b in iter(lambda: f.read(1<<20), b''): h.update(b)\n"
     "print(h.hexdigest())\n"
+)
+# Reading stdin keeps sha256sum from escaping odd file names in its output.
+_HASH_FN = (
+    "hash_file() { "
+    "if command -v sha256sum >/dev/null 2>&1; then "
+    'sha256sum -b < "$1" | { read -r s _; [ -n "$s" ] && echo "$s"; }; return; fi; '
+    'for py in python3 python; do command -v $py >/dev/null 2>&1 && { $py -c "$PY" "$1"; return; }; done; '
+    f"return {_SHA_NO_TOOL}; }}; "
+)
+# $1 file, $2 python hasher → its sha256.
+_SHA256_SH = f'PY=$2; {_HASH_FN}[ -f "$1" ] || exit {_SHA_MISSING}; hash_file "$1"'
+# $1 target, $2 its dir, $3 python hasher → make the dir, drop stale temp files, target's sha256.
+# (Temp files of uploads a drop interrupted would otherwise pile up on the pod's disk.)
+_UPLOAD_PREP_SH = (
+    f'PY=$3; {_HASH_FN}mkdir -p -- "$2" || exit 1; rm -f -- "$1".tmp-*; '
+    f'[ -f "$1" ] || exit {_SHA_MISSING}; hash_file "$1"'
+)
+# $1 temp, $2 target, $3 expected sha256, $4 python hasher → rename if the hash matches (mv within
+# one directory is rename(2): atomic), else delete the temp file and print the hash seen.
+_UPLOAD_COMMIT_SH = (
+    f'PY=$4; {_HASH_FN}got=$(hash_file "$1") || exit $?; '
+    'if [ "$got" = "$3" ]; then exec mv -f -- "$1" "$2"; fi; '
+    f'rm -f -- "$1"; echo "$got"; exit {_SHA_DIFFERS}'
 )
 
 
@@ -221,6 +245,7 @@ async def connect(
                 keepalive_interval=keepalive_interval,
                 keepalive_count_max=keepalive_count_max,
                 window=CHANNEL_WINDOW,
+                encryption_algs=ENCRYPTION_ALGS,
                 connect_timeout=min(ATTEMPT_TIMEOUT_S, budget),
             )
         except asyncssh.HostKeyNotVerifiable as exc:
@@ -379,16 +404,17 @@ class SshSession:
 
     async def remote_sha256(self, remote: str) -> str | None:
         """sha256 of a remote file computed on the host (``sha256sum``, else python); None if absent."""
-        result = await self.run(_sh(_SHA256_SH, remote, _PY_SHA256))
+        return self._digest(await self.run(_sh(_SHA256_SH, remote, _PY_SHA256)), f"hashing {remote}")
+
+    def _digest(self, result: CommandResult, what: str) -> str | None:
         if result.exit_status == _SHA_MISSING:
             return None
         if result.exit_status == _SHA_NO_TOOL:
             raise RemoteError(f"{self._where} has neither sha256sum nor python; install coreutils or python3")
-        # sha256sum prefixes the line with "\" when it escaped the file name.
-        digest = result.stdout.split()[0].lstrip("\\") if result.stdout.split() else ""
+        digest = result.stdout.strip()
         if result.exit_status != 0 or not _SHA256_HEX.match(digest):
             raise RemoteError(
-                f"hashing {remote} on {self._where} failed (exit {result.exit_status}): {result.stderr.strip()[:200]}"
+                f"{what} on {self._where} failed (exit {result.exit_status}): {result.stderr.strip()[:200]}"
             )
         return digest
 
@@ -401,25 +427,25 @@ class SshSession:
         """
         want = sha256.lower()
         local.stat()  # a missing local file is a local error, not a lost link
-        if await self.remote_sha256(remote) == want:
-            return False
         parent = posixpath.dirname(remote) or "."
-        # Temp files of earlier attempts that a drop interrupted would pile up on the pod's disk.
-        prep = await self.run(_sh('mkdir -p -- "$1" && rm -f -- "$2".tmp-*', parent, remote))
-        if prep.exit_status != 0:
-            raise RemoteError(f"cannot create {parent} on {self._where}: {prep.stderr.strip()[:200]}")
+        # One round trip: create the dir, clear stale temp files, hash what is there already.
+        prep = await self.run(_sh(_UPLOAD_PREP_SH, remote, parent, _PY_SHA256))
+        if self._digest(prep, f"preparing {remote}") == want:
+            return False
         tmp = f"{remote}.tmp-{secrets.token_hex(6)}"
         sftp = await self._sftp()
         with self._boundary(f"upload of {local} to {remote}"):
             await sftp.put(str(local), tmp, block_size=SFTP_BLOCK, max_requests=UPLOAD_MAX_REQUESTS)
-        got = await self.remote_sha256(tmp)
-        if got != want:
-            await self._remove_quietly(tmp)
+        commit = await self.run(_sh(_UPLOAD_COMMIT_SH, tmp, remote, want, _PY_SHA256))
+        if commit.exit_status == _SHA_DIFFERS:
             raise IntegrityError(
-                f"upload of {local} to {self._where}:{remote}: remote sha256 {got} != expected {want}; "
-                "the local file changed during upload or its recorded sha256 is stale — rebuild and retry"
+                f"upload of {local} to {self._where}:{remote}: remote sha256 {commit.stdout.strip()} != expected "
+                f"{want}; the local file changed during upload or its recorded sha256 is stale — rebuild and retry"
             )
-        await self._rename(tmp, remote)
+        if commit.exit_status != 0:
+            await self._remove_quietly(tmp)
+            self._digest(commit, f"verifying {tmp}")  # raises the specific error (no tool, unreadable)
+            raise RemoteError(f"cannot rename {tmp} to {remote} on {self._where}: {commit.stderr.strip()[:200]}")
         return True
 
     async def download(self, remote: str, local: Path, sha256: str, size: int | None = None) -> int:

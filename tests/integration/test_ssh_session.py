@@ -11,6 +11,8 @@ import gc
 import hashlib
 import os
 import posixpath
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -178,8 +180,6 @@ def test_changed_host_key_is_refused_naming_both_fingerprints_and_never_retried(
 
 def test_pinned_key_of_another_type_is_a_mismatch_not_a_retry_loop(sshd: SshServer, tmp_path: Path) -> None:
     # The server only has ed25519; a pin of type RSA must still fail fast and clearly.
-    import subprocess
-
     subprocess.run(["ssh-keygen", "-q", "-t", "rsa", "-b", "2048", "-N", "", "-f", str(tmp_path / "k")], check=True)
     rsa_pin = " ".join((tmp_path / "k.pub").read_text().split()[:2])
     attempts: list[BaseException] = []
@@ -223,8 +223,6 @@ def test_connect_gives_up_at_the_deadline_with_connection_lost(sshd: SshServer) 
 
 
 def test_unauthorized_key_is_a_permanent_error_with_a_fix(sshd: SshServer, tmp_path: Path) -> None:
-    import subprocess
-
     stranger = tmp_path / "stranger"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(stranger)], check=True)
     attempts: list[BaseException] = []
@@ -677,3 +675,44 @@ def test_sshd_restart_drops_the_session_and_a_pinned_reconnect_works(own_sshd: S
             return (await again.run("echo 3")).stdout
 
     assert asyncio.run(scenario()) == "3\n"
+
+
+# ---- remote helper scripts ----------------------------------------------------------------------
+
+
+def test_odd_file_names_survive_upload_hashing_and_download(sshd: SshServer, tmp_path: Path) -> None:
+    local = tmp_path / "plain.bin"
+    sha = random_file(local, 50_000)
+    odd = tmp_path / 'it\'s a "dir" $HOME' / "we\\ird\nname; rm -rf x.bin"
+
+    async def scenario() -> tuple[bool, str | None, int]:
+        async with await open_session(sshd) as s:
+            put = await s.upload(local, str(odd), sha)
+            digest = await s.remote_sha256(str(odd))
+            got = await s.download(str(odd), tmp_path / "back.bin", sha)
+            return put, digest, got
+
+    assert asyncio.run(scenario()) == (True, sha, 50_000)
+    assert sha256_of(odd) == sha
+
+
+def test_remote_hashing_falls_back_to_python_without_coreutils(tmp_path: Path) -> None:
+    from mhd.remote import ssh as ssh_module
+
+    f = tmp_path / "data.bin"
+    sha = random_file(f, 3 * MiB + 1)
+    bare = tmp_path / "bin"
+    bare.mkdir()
+    script = [ssh_module._SHA256_SH, str(f), ssh_module._PY_SHA256]
+
+    def hash_with(path_dir: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["/bin/sh", "-c", script[0], "mhd", *script[1:]],
+            capture_output=True, text=True, env={"PATH": str(path_dir)},
+        )  # fmt: skip
+
+    no_tools = hash_with(bare)
+    assert no_tools.returncode == 4  # neither sha256sum nor python: a clear, distinct status
+    (bare / "python3").symlink_to(sys.executable)
+    with_python = hash_with(bare)
+    assert (with_python.returncode, with_python.stdout.strip()) == (0, sha)
