@@ -82,8 +82,9 @@ class DaemonProc:
         return load_config(self.config, {}).socket_path
 
     def start(self, env: dict[str, str] | None = None, wait: bool = True) -> DaemonProc:
-        full_env = {**os.environ, **self.env, **(env or {})}
-        full_env.pop("NOTIFY_SOCKET", None)
+        # The test runner's own NOTIFY_SOCKET (if any) is not the daemon's to use.
+        inherited = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC")}
+        full_env = {**inherited, **self.env, **(env or {})}
         with self.log.open("ab") as logf:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "mhd.cli", "--config", str(self.config), "daemon"],
