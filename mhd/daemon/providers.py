@@ -45,8 +45,20 @@ def _pinned_key(cfg: Config, run: Run) -> str | None:
     if run.host_key:
         return run.host_key
     if cfg.ssh.known_hosts and cfg.provider == "ssh":
-        text = Path(cfg.ssh.known_hosts).expanduser().read_text().strip()
-        return text or None
+        return known_host_key(Path(cfg.ssh.known_hosts).expanduser())
+    return None
+
+
+def known_host_key(path: Path) -> str | None:
+    """The first key in a pin file: a bare ``type base64`` line or an OpenSSH known_hosts line."""
+    for line in path.read_text().splitlines():
+        fields = line.split()
+        if not fields or fields[0].startswith("#"):
+            continue
+        if fields[0].startswith(("ssh-", "ecdsa-", "sk-")) and len(fields) >= 2:
+            return f"{fields[0]} {fields[1]}"
+        if len(fields) >= 3:
+            return f"{fields[1]} {fields[2]}"
     return None
 
 
