@@ -78,12 +78,14 @@ _PY_SHA256 = (
     "    for b in iter(lambda: f.read(1<<20), b''): h.update(b)\n"
     "print(h.hexdigest())\n"
 )
-# Reading stdin keeps sha256sum from escaping odd file names in its output.
+# Python first: its hashlib (OpenSSL) uses the CPU's SHA extensions, Debian's sha256sum does not
+# (1 GiB: 0.65 s vs 2.2 s measured), and the trainer's host has python anyway. sha256sum reads
+# stdin so that it cannot escape odd file names in its output.
 _HASH_FN = (
     "hash_file() { "
+    'for py in python3 python; do command -v $py >/dev/null 2>&1 && { $py -c "$PY" "$1"; return; }; done; '
     "if command -v sha256sum >/dev/null 2>&1; then "
     'sha256sum -b < "$1" | { read -r s _; [ -n "$s" ] && echo "$s"; }; return; fi; '
-    'for py in python3 python; do command -v $py >/dev/null 2>&1 && { $py -c "$PY" "$1"; return; }; done; '
     f"return {_SHA_NO_TOOL}; }}; "
 )
 # $1 file, $2 python hasher → its sha256.
@@ -403,7 +405,7 @@ class SshSession:
         return probe.exit_status == 0
 
     async def remote_sha256(self, remote: str) -> str | None:
-        """sha256 of a remote file computed on the host (``sha256sum``, else python); None if absent."""
+        """sha256 of a remote file computed on the host (python, else ``sha256sum``); None if absent."""
         return self._digest(await self.run(_sh(_SHA256_SH, remote, _PY_SHA256)), f"hashing {remote}")
 
     def _digest(self, result: CommandResult, what: str) -> str | None:

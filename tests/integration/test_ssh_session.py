@@ -11,6 +11,7 @@ import gc
 import hashlib
 import os
 import posixpath
+import shutil
 import subprocess
 import sys
 import threading
@@ -696,23 +697,24 @@ def test_odd_file_names_survive_upload_hashing_and_download(sshd: SshServer, tmp
     assert sha256_of(odd) == sha
 
 
-def test_remote_hashing_falls_back_to_python_without_coreutils(tmp_path: Path) -> None:
+def test_remote_hashing_uses_python_or_coreutils_whichever_the_host_has(tmp_path: Path) -> None:
     from mhd.remote import ssh as ssh_module
 
     f = tmp_path / "data.bin"
     sha = random_file(f, 3 * MiB + 1)
     bare = tmp_path / "bin"
     bare.mkdir()
-    script = [ssh_module._SHA256_SH, str(f), ssh_module._PY_SHA256]
 
-    def hash_with(path_dir: Path) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            ["/bin/sh", "-c", script[0], "mhd", *script[1:]],
+    def hash_with_path_of(path_dir: Path) -> tuple[int, str]:
+        done = subprocess.run(
+            ["/bin/sh", "-c", ssh_module._SHA256_SH, "mhd", str(f), ssh_module._PY_SHA256],
             capture_output=True, text=True, env={"PATH": str(path_dir)},
         )  # fmt: skip
+        return done.returncode, done.stdout.strip()
 
-    no_tools = hash_with(bare)
-    assert no_tools.returncode == 4  # neither sha256sum nor python: a clear, distinct status
+    assert hash_with_path_of(bare) == (4, "")  # neither tool: a clear, distinct status
+    (bare / "sha256sum").symlink_to(shutil.which("sha256sum") or "/usr/bin/sha256sum")
+    assert hash_with_path_of(bare) == (0, sha)
+    (bare / "sha256sum").unlink()
     (bare / "python3").symlink_to(sys.executable)
-    with_python = hash_with(bare)
-    assert (with_python.returncode, with_python.stdout.strip()) == (0, sha)
+    assert hash_with_path_of(bare) == (0, sha)
