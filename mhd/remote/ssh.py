@@ -67,7 +67,7 @@ _HASH_CHUNK = 1 << 20
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
 # Remote helper scripts (run through `sh -c`, arguments positional, so no path needs quoting).
-# They hash with sha256sum, or python where coreutils is missing, and signal by exit status:
+# They hash with python's hashlib or else sha256sum, and signal by exit status:
 _SHA_MISSING = 3  # the file does not exist
 _SHA_NO_TOOL = 4  # neither sha256sum nor python on the host
 _SHA_DIFFERS = 7  # upload commit: the temp file's hash is not the expected one
@@ -83,7 +83,8 @@ _PY_SHA256 = (
 # stdin so that it cannot escape odd file names in its output.
 _HASH_FN = (
     "hash_file() { "
-    'for py in python3 python; do command -v $py >/dev/null 2>&1 && { $py -c "$PY" "$1"; return; }; done; '
+    # A python that fails (a pyenv shim with no version behind it) falls through to sha256sum.
+    'for py in python3 python; do command -v $py >/dev/null 2>&1 && $py -c "$PY" "$1" 2>/dev/null && return; done; '
     "if command -v sha256sum >/dev/null 2>&1; then "
     'sha256sum -b < "$1" | { read -r s _; [ -n "$s" ] && echo "$s"; }; return; fi; '
     f"return {_SHA_NO_TOOL}; }}; "

@@ -715,6 +715,10 @@ def test_remote_hashing_uses_python_or_coreutils_whichever_the_host_has(tmp_path
     assert hash_with_path_of(bare) == (4, "")  # neither tool: a clear, distinct status
     (bare / "sha256sum").symlink_to(shutil.which("sha256sum") or "/usr/bin/sha256sum")
     assert hash_with_path_of(bare) == (0, sha)
+    (bare / "python3").write_text("#!/bin/sh\necho 'pyenv: python3: command not found' >&2; exit 127\n")
+    (bare / "python3").chmod(0o755)
+    assert hash_with_path_of(bare) == (0, sha), "a broken python falls through to sha256sum"
     (bare / "sha256sum").unlink()
+    (bare / "python3").unlink()
     (bare / "python3").symlink_to(sys.executable)
     assert hash_with_path_of(bare) == (0, sha)
