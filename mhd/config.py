@@ -141,6 +141,10 @@ class MergeConfig(_Section):
     keep: int = Field(3, ge=1)
     route: Literal["auto", "adapter", "merged"] = "auto"
     quantize: str = "q4_K_M"
+    # Where the pod has llama.cpp (convert_hf_to_gguf.py, llama-quantize) for the merged route.
+    llama_cpp_dir: str = "/opt/llama.cpp"
+    # Ollama chat template (Go template) for the merged model; unset: Ollama derives it from the GGUF.
+    template: str | None = None
     # peft mode: local HF base to merge into (defaults to training.base_model).
     base_model_path: str | None = None
 

@@ -141,10 +141,46 @@ def _ollama(cfg: Config) -> Check:
 
 def _disk(cfg: Config) -> Check:
     d = cfg.state_dir if cfg.state_dir.exists() else Path("/")
-    free = shutil.disk_usage(d).free / 1e9
-    ok = free >= MIN_FREE_GB
-    return Check("free disk", ok, f"{free:.1f} GB free under {d}",
+    free = shutil.disk_usage(d).free
+    pending = _pending_fetch(cfg)
+    if pending is not None:
+        # A run is fetching (or waiting for room to fetch): that is the number that matters now.
+        from mhd.states.fetching import FREE_MARGIN
+
+        run_id, left, total = pending
+        need = left + FREE_MARGIN if left else 0
+        detail = (f"{free / 1e9:.1f} GB free under {d}; run {run_id} is fetching {total / 1e9:.1f} GB, "
+                  f"{left / 1e9:.1f} GB still to download")
+        if free >= need:
+            return Check("free disk", True, detail)
+        return Check("free disk", False, detail + f" (+ {FREE_MARGIN / 1e9:.1f} GB margin): the pod is kept and "
+                     "the fetch waits", f"free {(need - free) / 1e9:.1f} GB under {d}; the fetch resumes by itself "
+                     f"(the pod stops itself after runpod.max_unattended = {cfg.runpod.max_unattended / 3600:.1f} h)")
+    ok = free / 1e9 >= MIN_FREE_GB
+    return Check("free disk", ok, f"{free / 1e9:.1f} GB free under {d}",
                  "" if ok else f"free space: a merged model needs several GB (≥ {MIN_FREE_GB} GB)")
+
+
+def _pending_fetch(cfg: Config) -> tuple[str, int, int] | None:
+    """(run id, bytes still to download, total bytes) of the active run if it is in Fetching."""
+    if not cfg.db_url and not (cfg.state_dir / "mhd.db").exists():
+        return None
+    from mhd.states.fetching import bytes_to_fetch, fetch_plan
+    from mhd.states.model import RunState
+    from mhd.store import Store
+
+    store = Store(cfg.db_path_url, create=False)
+    try:
+        run = store.active_run()
+    finally:
+        store.close()
+    if run is None or run.state is not RunState.FETCHING:
+        return None
+    files = fetch_plan(cfg.runs_dir / run.id)
+    if files is None:
+        return None
+    out = cfg.runs_dir / run.id / "output"
+    return run.id, bytes_to_fetch(out, files), sum(f.size or 0 for f in files)
 
 
 def _unit(cfg: Config) -> Check:

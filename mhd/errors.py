@@ -14,6 +14,7 @@
     ├── DatasetError                unreadable memory_dir
     │   └── NoSamples               no usable sample (run ends `no_data`, no pod rented)
     ├── MergeError                  adapter conversion or registration failed
+    ├── InsufficientDisk            the fetch did not fit on the local disk within max_unattended
     ├── BudgetExceeded              budget.max_usd_per_run / max_hours_per_run hit
     └── Cancelled                   `mhd cancel`
 
@@ -81,6 +82,10 @@ class NoSamples(DatasetError):
 
 class MergeError(MhdError):
     pass
+
+
+class InsufficientDisk(MhdError):
+    """Fetching waited ``runpod.max_unattended`` for free space under state_dir and gave up."""
 
 
 class BudgetExceeded(MhdError):

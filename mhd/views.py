@@ -35,6 +35,8 @@ def run_dict(run: Run, at: float | None = None) -> dict[str, Any]:
         "cost_per_hr": run.cost_per_hr,
         "billed_s": round(run.billed_s(at), 3),
         "fetch_s": round(run.fetch_s or 0.0, 3),
+        # The part of the pod's cost spent downloading (a merged GGUF can take a while).
+        "fetch_cost_usd": round((run.cost_per_hr or 0.0) * (run.fetch_s or 0.0) / 3600.0, 4),
         "cost_usd": round(run.cost_usd(at), 4),
         "samples": run.samples,
         "report": run.report,

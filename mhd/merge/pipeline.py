@@ -12,7 +12,8 @@ alias on the previous model and the adapter on disk.
 Route (``ollama`` mode), from Ollama's version: before 0.34.1 the adapter is converted to a GGUF
 LoRA and attached to ``merge.base`` through ``/api/create``'s ``adapters``; from 0.34.1 Ollama
 refuses adapters, so the model must be a merged GGUF built on the pod (``model.gguf`` next to
-the adapter) and is registered with ``files``.
+the adapter, see ``mhd/pod/export.py``) and is registered with ``files``, ``merge.template``
+(unset: Ollama derives the template from the GGUF) and ``dataset.system_prompt``.
 """
 
 from __future__ import annotations
@@ -180,6 +181,17 @@ def merged_gguf(adapter_dir: Path) -> Path | None:
     return None
 
 
+def export_error(adapter_dir: Path) -> str | None:
+    """Why the pod built no merged GGUF, as its manifest recorded it (None: no export was asked)."""
+    try:
+        export = json.loads((adapter_dir.parent / "manifest.json").read_text()).get("export")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if isinstance(export, dict) and export.get("enabled") and export.get("error"):
+        return str(export["error"])
+    return None
+
+
 async def ensure_adapter_gguf(cfg: Config, adapter_dir: Path, log: Log) -> Path:
     """``adapter.gguf`` beside the adapter dir; converted once (the converter writes atomically)."""
     out = adapter_dir.parent / ADAPTER_GGUF
@@ -224,14 +236,20 @@ async def _register(cfg: Config, client: OllamaClient, route: str, name: str, ad
         return
     gguf_path = merged_gguf(adapter_dir)
     if gguf_path is None:
+        failed = export_error(adapter_dir)
+        why = (f"the pod's export failed: {failed}" if failed else
+               "the run's pod did not build one (it was told to ship the adapter only: the route was chosen "
+               "when the run started)")
         raise MergeError(
             f"Ollama {version} takes only merged models (adapters were removed in 0.34.1), and no merged "
-            f"GGUF ({MERGED_GGUF}) is in {adapter_dir.parent}: the pod export that builds it is not "
-            "available yet. The adapter is kept; use merge.mode = \"peft\", or register it with an "
-            "Ollama older than 0.34.1 (merge.route = \"adapter\")"
+            f"GGUF ({MERGED_GGUF}) is in {adapter_dir.parent}: {why}. The adapter is kept; use "
+            "merge.mode = \"peft\", or register it with an Ollama older than 0.34.1 (merge.route = \"adapter\"); "
+            "the next run builds the merged model"
         )
+    log(f"registering the merged model {gguf_path} ({gguf_path.stat().st_size / 1e9:.2f} GB)")
     digest = await client.push_blob(gguf_path, log=log)
-    await client.create(name, files={MERGED_GGUF: digest}, system=cfg.dataset.system_prompt, log=log)
+    await client.create(name, files={MERGED_GGUF: digest}, template=m.template, system=cfg.dataset.system_prompt,
+                        log=log)
 
 
 async def _merge_ollama(cfg: Config, store: Store, run_id: str, adapter_dir: Path, log: Log,

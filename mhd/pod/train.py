@@ -9,11 +9,19 @@ trl, and unsloth when present) once the inputs have been checked.
 
 The run folder is the whole protocol (DESIGN.md, "Training"):
 
-    in:   config.json  dataset.jsonl  [eval.jsonl]
+    in:   config.json  dataset.jsonl  [eval.jsonl]  [export.py]
     out:  progress.jsonl   one JSON line per logging step, append-only
           checkpoints/     every save_steps, newest 2 kept; a relaunch resumes from the newest
-          adapter/         PEFT adapter + tokenizer files
+          adapter/         PEFT adapter + tokenizer files + base_config.json (the base's config.json)
+          trained.json     written atomically once adapter/ is complete: a relaunch never retrains
+          export/          work folder of the export (config.json "export": {"enabled": true}):
+          model.gguf       the merged, quantized model, built by export.py after training
           manifest.json    written last and atomically: its presence means "done"
+
+With the export enabled, the trainer re-executes itself after training, so the export starts in a
+fresh process (no training model, optimizer or CUDA cache left in memory); the new process finds
+trained.json and goes straight to the export. A failed export does not fail the job: the manifest
+lists the adapter and carries ``"export": {"error": ...}``, so the adapter is still fetched.
 
 Exit codes: 0 done (also: already done), 2 bad config or dataset (one line on stderr),
 3 out of memory (the line names the knob), 1 anything else (traceback on stderr).
@@ -32,6 +40,7 @@ import shutil
 import sys
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -44,8 +53,10 @@ CHATML = (
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
-# Test seam: "oom@N" raises a CUDA-style OOM at step N, to exercise the exit-3 path on CPU.
+# Test seam: "oom@N" raises a CUDA-style OOM at step N, to exercise the exit-3 path on CPU
+# (export.py reads "kill@<phase>" from the same variable).
 FAULT_ENV = "MHD_TRAIN_FAULT"
+MODEL_GGUF = "model.gguf"  # export.py's output, listed in the manifest
 
 
 class ConfigProblem(Exception):
@@ -81,6 +92,8 @@ class TrainConfig:
     warmup_ratio: float = 0.0
     weight_decay: float = 0.0
     optim: str | None = None
+    # {"enabled": bool, "quantize": "Q4_K_M", "llama_cpp_dir": "/opt/llama.cpp"}: checked by export.py.
+    export: dict[str, Any] = field(default_factory=dict)
     unknown: tuple[str, ...] = field(default=())
 
     @classmethod
@@ -120,12 +133,20 @@ class TrainConfig:
     def samples_per_step(self) -> int:
         return self.per_device_train_batch_size * self.gradient_accumulation_steps
 
+    @property
+    def export_enabled(self) -> bool:
+        return self.export.get("enabled") is True
+
 
 def _coerce(name: str, value: Any, default: Any) -> Any:
     """Check one value against the type of its default; the message names key and value."""
     def bad(expected: str) -> ConfigProblem:
         return ConfigProblem(f"config.json: {name} = {value!r}: expected {expected}")
 
+    if name == "export":
+        if not isinstance(value, dict) or not isinstance(value.get("enabled", False), bool):
+            raise bad('an object like {"enabled": true, "quantize": "q4_K_M"}')
+        return dict(value)
     if name == "target_modules":
         if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
             raise bad("a list of module names")
@@ -182,6 +203,10 @@ class RunDir:
     def manifest(self) -> Path:
         return self.root / "manifest.json"
 
+    @property
+    def trained(self) -> Path:
+        return self.root / "trained.json"
+
 
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
@@ -193,18 +218,30 @@ def sha256_file(path: Path) -> str:
 
 def is_complete(run: RunDir) -> bool:
     """manifest.json present and every file it lists has the recorded size and sha256."""
+    return _verified(run, run.manifest) is not None
+
+
+def read_trained(run: RunDir) -> dict[str, Any] | None:
+    """The training summary from trained.json when adapter/ still matches it, else None."""
+    data = _verified(run, run.trained)
+    info = data.get("info") if data else None
+    return dict(info) if isinstance(info, dict) else None
+
+
+def _verified(run: RunDir, listing: Path) -> dict[str, Any] | None:
+    """The JSON object at ``listing`` if every file it lists has the recorded size and sha256."""
     try:
-        manifest = json.loads(run.manifest.read_text())
-        files = manifest["files"]
+        data = json.loads(listing.read_text())
+        files = data["files"]
         if not files:
-            return False
+            return None
         for entry in files:
             path = run.root / entry["path"]
             if path.stat().st_size != entry["size"] or sha256_file(path) != entry["sha256"]:
-                return False
+                return None
     except (OSError, ValueError, KeyError, TypeError):
-        return False
-    return True
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def newest_checkpoint(run: RunDir) -> Path | None:
@@ -269,19 +306,40 @@ def _row(name: str, n: int, line: str) -> dict[str, Any]:
     }
 
 
-def write_manifest(run: RunDir, info: dict[str, Any]) -> dict[str, Any]:
-    files = []
-    for path in sorted(p for p in run.adapter.rglob("*") if p.is_file()):
-        files.append({"path": path.relative_to(run.root).as_posix(), "size": path.stat().st_size,
-                      "sha256": sha256_file(path)})
-    manifest = {"files": files, **info}
-    tmp = run.root / "manifest.json.tmp"
+def file_entries(run: RunDir, paths: Sequence[Path], known: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """Manifest entries; ``known`` maps a relative path to a sha256 already computed."""
+    out = []
+    for path in paths:
+        rel = path.relative_to(run.root).as_posix()
+        digest = (known or {}).get(rel) or sha256_file(path)
+        out.append({"path": rel, "size": path.stat().st_size, "sha256": digest})
+    return out
+
+
+def adapter_files(run: RunDir) -> list[Path]:
+    return sorted(p for p in run.adapter.rglob("*") if p.is_file())
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
     with tmp.open("w") as fh:
-        json.dump(manifest, fh, indent=2)
+        json.dump(data, fh, indent=2)
         fh.flush()
         os.fsync(fh.fileno())
-    os.replace(tmp, run.manifest)
+    os.replace(tmp, path)
+
+
+def write_manifest(run: RunDir, info: dict[str, Any], extra: Sequence[Path] = (),
+                   known: dict[str, str] | None = None) -> dict[str, Any]:
+    """The adapter's files (and ``extra``, e.g. model.gguf) with sizes and sha256, then ``info``."""
+    manifest = {"files": file_entries(run, [*adapter_files(run), *extra], known), **info}
+    write_json_atomic(run.manifest, manifest)
     return manifest
+
+
+def write_trained(run: RunDir, info: dict[str, Any]) -> None:
+    """The adapter is complete: a relaunch (e.g. killed during the export) skips training."""
+    write_json_atomic(run.trained, {"files": file_entries(run, adapter_files(run)), "info": info})
 
 
 def seal_progress(path: Path) -> None:
@@ -608,13 +666,29 @@ def build_trainer(cfg: TrainConfig, run: RunDir, backend: str) -> tuple[Any, Any
     return trainer, tokenizer
 
 
-def export_adapter(trainer: Any, tokenizer: Any, run: RunDir) -> None:
+def export_adapter(trainer: Any, tokenizer: Any, run: RunDir, base_model: str) -> None:
     tmp = run.root / "adapter.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     trainer.model.save_pretrained(str(tmp))
     tokenizer.save_pretrained(str(tmp))
+    copy_base_config(base_model, tmp / "base_config.json")
     shutil.rmtree(run.adapter, ignore_errors=True)
     os.replace(tmp, run.adapter)
+
+
+def copy_base_config(base_model: str, dest: Path) -> None:
+    """The base's own config.json beside the adapter: the daemon's GGUF LoRA converter reads it
+    (it never downloads the base)."""
+    try:
+        local = Path(base_model) / "config.json"
+        if local.is_file():
+            shutil.copyfile(local, dest)
+            return
+        from huggingface_hub import hf_hub_download
+
+        shutil.copyfile(hf_hub_download(base_model, "config.json"), dest)
+    except Exception as exc:  # only a convenience for the adapter route: never fail the run for it
+        log(f"note: could not copy the base model's config.json into the adapter ({_one_line(exc)})")
 
 
 def final_loss(state: Any) -> float | None:
@@ -631,14 +705,83 @@ def train(cfg: TrainConfig, run: RunDir, started: float) -> dict[str, Any]:
     resume = newest_checkpoint(run)
     seal_progress(run.progress)
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    export_adapter(trainer, tokenizer, run)
+    export_adapter(trainer, tokenizer, run, cfg.base_model)
     state = trainer.state
-    return write_manifest(run, {
+    info = {
         "base_model": cfg.base_model, "final_loss": final_loss(state), "steps": state.global_step,
         "total_steps": state.max_steps, "epochs": _round(state.epoch), "backend": backend,
         "train_samples": len(trainer.train_dataset), "wall_time_s": round(time.time() - started, 2),
         "versions": _versions(),
-    })
+    }
+    write_trained(run, info)
+    return info
+
+
+# --- export (merged GGUF) -----------------------------------------------------------------
+
+
+def load_exporter() -> Any:
+    """export.py, uploaded beside this file."""
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:  # `python -I` leaves the script's folder out
+        sys.path.insert(0, here)
+    try:
+        import export
+    except ImportError:
+        raise ConfigProblem("config.json asks for an export, but export.py is not next to train.py "
+                            f"in {Path(__file__).resolve().parent}: upload it with the trainer") from None
+    return export
+
+
+def check_export(cfg: TrainConfig) -> Any:
+    """Before any training: the export's settings and tools (a bad one is exit 2, not a lost hour)."""
+    export = load_exporter()
+    try:
+        ecfg = export.ExportConfig.from_dict(cfg.export)
+        export.check_tools(ecfg)
+    except ValueError as exc:
+        raise ConfigProblem(f"config.json: {exc}") from None
+    except export.ExportProblem as exc:
+        raise ConfigProblem(str(exc)) from None
+    return ecfg
+
+
+def run_export(cfg: TrainConfig, run: RunDir, ecfg: Any) -> tuple[dict[str, Any], list[Path]]:
+    """(the manifest's ``export`` entry, files to list). Failures are recorded, never raised:
+    the adapter the GPU time paid for is shipped whatever happens here."""
+    export = load_exporter()
+
+    def progress(line: dict[str, Any]) -> None:
+        with run.progress.open("a") as fh:
+            fh.write(json.dumps(line) + "\n")
+
+    exporter = export.Exporter(run.root, run.adapter, cfg.base_model, ecfg, progress)
+    try:
+        info = exporter.run()
+    except export.ExportProblem as exc:
+        error = str(exc)
+    except Exception as exc:
+        if is_oom(exc):
+            error = "out of memory while building the merged model: " + _one_line(exc)
+        else:
+            import traceback
+
+            traceback.print_exc()
+            error = f"{type(exc).__name__}: {_one_line(exc)}"
+    else:
+        log(f"export done: {info['file']} ({info['quantize']}, {info['size'] / 1e9:.2f} GB)")
+        return {"enabled": True, **info}, [run.root / info["file"]]
+    progress({"phase": "export", "status": "failed", "error": error, "time": time.time()})
+    log(f"export failed, shipping the adapter alone: {error}")
+    return {"enabled": True, "error": error}, []
+
+
+def restart_for_export() -> None:
+    """Replace this process with a fresh run of the same command (see the module docstring)."""
+    log("training done; restarting for the export with fresh memory")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
 
 
 def _versions() -> dict[str, str]:
@@ -678,7 +821,7 @@ def read_config(run: RunDir) -> TrainConfig:
     return TrainConfig.from_dict(data)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, restart: bool = True) -> int:
     started = time.time()
     cfg: TrainConfig | None = None
     try:
@@ -690,8 +833,20 @@ def main(argv: list[str] | None = None) -> int:
         cfg = read_config(run)
         if cfg.unknown:
             log(f"note: ignoring unknown config keys {', '.join(cfg.unknown)}")
-        load_rows(run.dataset, required=True)  # fail in a second, before minutes of model loading
-        manifest = train(cfg, run, started)
+        ecfg = check_export(cfg) if cfg.export_enabled else None
+        info = read_trained(run)
+        if info is None:
+            load_rows(run.dataset, required=True)  # fail in a second, before minutes of model loading
+            info = train(cfg, run, started)
+            if ecfg is not None and restart:
+                restart_for_export()
+        else:
+            log(f"the adapter was trained already ({info.get('steps')} steps); not training again")
+        files: list[Path] = []
+        if ecfg is not None:
+            info["export"], files = run_export(cfg, run, ecfg)
+        known = {MODEL_GGUF: info["export"]["sha256"]} if files else None  # hashed once, by the export
+        manifest = write_manifest(run, info, files, known)
     except ConfigProblem as exc:
         print(f"mhd-train: {exc}", file=sys.stderr, flush=True)
         return EXIT_CONFIG
@@ -701,7 +856,8 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_OOM
         raise
     log(f"done: {manifest['steps']} steps, final loss {manifest['final_loss']}, "
-        f"{manifest['wall_time_s']} s; adapter in {run.adapter}")
+        f"{manifest['wall_time_s']} s; adapter in {run.adapter}"
+        + (f", model in {run.root / MODEL_GGUF}" if "sha256" in manifest.get("export", {}) else ""))
     return EXIT_OK
 
 

@@ -2,6 +2,12 @@
 
 The pod's name is derived from the run id, and ``find`` runs before ``create``: a crash between
 the provider's answer and our DB write leads to adoption, never to a second pod.
+
+Before the inputs are built, the run decides whether the pod exports a merged GGUF after training
+(``config.json`` ``"export"``): yes when the model goes to an Ollama that takes only merged models
+(>= 0.34.1, asked through ``/api/version``) or when ``merge.route = "merged"``; no for older Ollama
+(the daemon converts the adapter itself) and without Ollama. The answer is written into the input
+folder once, so a re-entered Provisioning never asks again.
 """
 
 from __future__ import annotations
@@ -13,7 +19,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from mhd.errors import NoSamples
+from mhd.errors import ConfigError, NoSamples, TransientProviderError
+from mhd.pod.export import DEFAULT_QUANTIZE, QUANT_TYPES, canonical_quant
 from mhd.remote.job import LAUNCHER, POD_FILES_DIR
 from mhd.remote.provider import Pod, pod_name
 from mhd.states.context import RunContext
@@ -21,13 +28,42 @@ from mhd.states.machine import RunMachine
 from mhd.store import Run, now
 
 TRAINER = "train.py"
+EXPORTER = "export.py"  # imported by train.py when config.json asks for an export
 
 
-def trainer_config(ctx: RunContext) -> dict[str, Any]:
+def trainer_config(ctx: RunContext, export: dict[str, Any] | None = None) -> dict[str, Any]:
     t = ctx.cfg.training
     data = t.model_dump(mode="json", exclude={"script", "python", "extra"})
+    data["export"] = export if export is not None else {"enabled": False}
     data.update(t.extra)
     return data
+
+
+async def export_settings(ctx: RunContext) -> dict[str, Any]:
+    """config.json's ``export``: build the merged GGUF on the pod when Ollama needs one.
+
+    Ollama unreachable while the route is ``auto`` is transient: the run waits for it (rather than
+    train an adapter that the Ollama may refuse) unless ``merge.route`` names the route.
+    """
+    from mhd.merge import OllamaError, ollama_route
+
+    m = ctx.cfg.merge
+    try:
+        route = await ollama_route(ctx.cfg)
+    except OllamaError as exc:
+        if exc.status is None or exc.status >= 500:
+            raise TransientProviderError(
+                f"{exc} (the run asks Ollama's version to decide whether the pod builds a merged GGUF; it "
+                "retries — set merge.route = \"merged\" or \"adapter\" to decide without asking)") from exc
+        raise
+    enabled = route == "merged" or m.route == "merged"
+    try:
+        quantize = canonical_quant(m.quantize or DEFAULT_QUANTIZE)
+    except ValueError:
+        if enabled:
+            raise ConfigError("merge.quantize", m.quantize, f"one of {', '.join(QUANT_TYPES.values())}") from None
+        quantize = DEFAULT_QUANTIZE
+    return {"enabled": enabled, "quantize": quantize, "llama_cpp_dir": m.llama_cpp_dir, "route": route}
 
 
 def job_env(ctx: RunContext) -> str:
@@ -43,7 +79,11 @@ def _sh_quote(v: str) -> str:
     return "'" + v.replace("'", "'\"'\"'") + "'"
 
 
-def _build_inputs(ctx: RunContext, run: Run) -> dict[str, Any]:
+def inputs_built(ctx: RunContext, run: Run) -> bool:
+    return (ctx.run_dir(run) / "input" / "dataset_manifest.json").exists()
+
+
+def _build_inputs(ctx: RunContext, run: Run, export: dict[str, Any] | None) -> dict[str, Any]:
     from mhd.dataset.build import build_dataset
 
     inputs = ctx.run_dir(run) / "input"
@@ -54,9 +94,10 @@ def _build_inputs(ctx: RunContext, run: Run) -> dict[str, Any]:
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     manifest = build_dataset(ctx.cfg.memory_dir, staging, ctx.cfg.dataset)
-    (staging / "config.json").write_text(json.dumps(trainer_config(ctx), indent=2))
+    (staging / "config.json").write_text(json.dumps(trainer_config(ctx, export), indent=2))
     script = ctx.cfg.training.script or POD_FILES_DIR / TRAINER
     shutil.copyfile(script, staging / TRAINER)
+    shutil.copyfile(POD_FILES_DIR / EXPORTER, staging / EXPORTER)
     shutil.copyfile(POD_FILES_DIR / LAUNCHER, staging / LAUNCHER)
     env_path = staging / "job.env"
     env_path.touch(mode=0o600)
@@ -69,7 +110,12 @@ def _build_inputs(ctx: RunContext, run: Run) -> dict[str, Any]:
 
 async def act(ctx: RunContext, m: RunMachine) -> None:
     run = ctx.check(m.run.id)
-    manifest = await asyncio.to_thread(_build_inputs, ctx, run)
+    export = None if inputs_built(ctx, run) else await export_settings(ctx)
+    manifest = await asyncio.to_thread(_build_inputs, ctx, run, export)
+    if export is not None:
+        ctx.append_log(run, f"model route {export['route']}: " + (
+            f"the pod exports a merged {export['quantize']} GGUF after training" if export["enabled"]
+            else "the pod ships the adapter only"))
     report = {k: manifest.get(k) for k in ("samples", "eval_samples", "memories_read", "rejects",
                                             "not_ready", "by_type", "time_range")}
     run = ctx.store.update_run(run.id, samples=int(manifest.get("samples") or 0),
