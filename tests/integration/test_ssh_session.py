@@ -211,6 +211,20 @@ def test_connect_waits_with_backoff_for_sshd_that_comes_up_late() -> None:
     assert elapsed < 15, "backoff with max_delay=1s should reconnect soon after sshd is up"
 
 
+def test_connect_rides_out_a_port_that_refuses_for_a_while(sshd: SshServer, proxy: TcpProxy) -> None:
+    proxy.pause()
+    attempts: list[BaseException] = []
+    threading.Timer(1.0, proxy.resume).start()
+
+    async def scenario() -> int:
+        async with await open_session(sshd, via(proxy, sshd), deadline_s=20, attempts=attempts) as s:
+            return (await s.run("exit 0")).exit_status
+
+    assert asyncio.run(scenario()) == 0
+    assert attempts and all(isinstance(e, ConnectionRefusedError) for e in attempts)
+    assert proxy.connections == 1
+
+
 def test_connect_gives_up_at_the_deadline_with_connection_lost(sshd: SshServer) -> None:
     dead = Endpoint("127.0.0.1", free_port(), sshd.user)
     attempts: list[BaseException] = []

@@ -17,10 +17,19 @@ Typical use in a test module (the fixture is not in a conftest on purpose: impor
         with SshServer() as server:          # started; stopped and deleted on exit
             yield server
 
-    async def test_something(sshd):
-        session, host_key = await connect(sshd.endpoint, key_file=sshd.client_key_path,
-                                          pinned_host_key=None, ...)
-        assert host_key == sshd.host_public_key
+    def test_something(sshd):
+        async def scenario():
+            session, host_key = await connect(sshd.endpoint, key_file=sshd.client_key_path,
+                                              pinned_host_key=None, ...)
+            async with session:
+                assert host_key == sshd.host_public_key
+
+        asyncio.run(scenario())
+
+For a daemon subprocess, write ``[ssh] host/port/user/key_file`` from ``server.endpoint`` and
+``server.client_key_path`` (``known_hosts = server.known_hosts_path`` pins the key up front).
+OpenSSH clients: ``server.ssh_argv("cmd")``, ``server.scp_argv(src, "REMOTE:/dst")``, or
+``server.ssh_options()`` with your own ``-p`` (they verify the host key through a proxy too).
 
 Drop scenarios:
 
@@ -29,6 +38,10 @@ Drop scenarios:
   ``setsid nohup … &`` keep running, as they would on a pod whose sshd crashed and came back.
 * ``server.stop()`` / ``server.start()`` — down for a while (connections are refused meanwhile).
 * ``server.rotate_host_key()`` — a new host key (e.g. the pod was replaced), then restart.
+
+Commands run through the user's login shell, so its rc files run too: with root's pyenv setup
+here each command costs ~0.2 s. sshd stays in the test's process group (killing the group ends
+it) and servers still running at interpreter exit are stopped by an atexit hook.
 
 Requires Debian's ``openssh-server`` (``apt-get install -y openssh-server``); the constructor fails
 with that instruction when ``/usr/sbin/sshd`` is missing. Only processes this class started are
