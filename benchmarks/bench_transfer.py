@@ -10,6 +10,8 @@ Methods, each timed end to end as the daemon (or the seed) would pay for it:
   mhd      SshSession.upload (remote sha256 pre-check, SFTP put to a temp name, remote sha256
            verify, rename) and SshSession.download (streamed to .part, hashed on the way, renamed)
   scp      OpenSSH scp with default options (SFTP protocol since OpenSSH 9)
+  sftp     the same SFTP session and settings without mhd's checks (asyncssh put/get), to show
+           what the remote sha256 verification and in-order hashing cost
   base64   the seed's way: ``base64 file | ssh host 'base64 -d > dst'`` and the reverse
 
 It also runs one SshSession download of ``--rss-mib`` (1 GiB) in a fresh child process and
@@ -42,7 +44,7 @@ import asyncssh
 import psutil
 
 from mhd.remote.provider import Endpoint
-from mhd.remote.ssh import SshSession, connect
+from mhd.remote.ssh import SFTP_BLOCK, UPLOAD_MAX_REQUESTS, SshSession, connect
 from tests.support.sshd import SshServer
 from tests.support.tcpproxy import TcpProxy
 
@@ -164,6 +166,15 @@ class Bench:
             async def mhd_down() -> None:
                 assert await session.download(str(src), local_dst, sha, size) == size
 
+            # The same SFTP settings without mhd's verification, to show what the checks cost.
+            async def raw_up() -> None:
+                sftp = await session._sftp()
+                await sftp.put(str(src), str(remote_dst), block_size=SFTP_BLOCK, max_requests=UPLOAD_MAX_REQUESTS)
+
+            async def raw_down() -> None:
+                sftp = await session._sftp()
+                await sftp.get(str(src), str(local_dst), block_size=SFTP_BLOCK, max_requests=UPLOAD_MAX_REQUESTS)
+
             async def scp_up() -> None:
                 await asyncio.to_thread(self.scp, str(src), f"REMOTE:{remote_dst}")
 
@@ -181,8 +192,18 @@ class Bench:
                 await asyncio.to_thread(self.shell, f"{ssh} {remote_cmd} | base64 -d > {shlex.quote(str(local_dst))}")
 
             for direction, methods, reset, check in (
-                ("upload", (("scp", scp_up), ("mhd", mhd_up), ("base64", b64_up)), reset_remote, remote_ok),
-                ("download", (("scp", scp_down), ("mhd", mhd_down), ("base64", b64_down)), reset_local, local_ok),
+                (
+                    "upload",
+                    (("scp", scp_up), ("mhd", mhd_up), ("sftp", raw_up), ("base64", b64_up)),
+                    reset_remote,
+                    remote_ok,
+                ),
+                (
+                    "download",
+                    (("scp", scp_down), ("mhd", mhd_down), ("sftp", raw_down), ("base64", b64_down)),
+                    reset_local,
+                    local_ok,
+                ),
             ):
                 for method, run in methods:
                     await self.measure(size, direction, method, run, reset, check)
