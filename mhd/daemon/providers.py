@@ -44,21 +44,10 @@ def _ssh_key_file(cfg: Config) -> Path:
 def _pinned_key(cfg: Config, run: Run) -> str | None:
     if run.host_key:
         return run.host_key
-    if cfg.ssh.known_hosts and cfg.provider == "ssh":
-        return known_host_key(Path(cfg.ssh.known_hosts).expanduser())
-    return None
+    if cfg.ssh.known_hosts and cfg.provider == "ssh" and cfg.ssh.host:
+        from mhd.remote.ssh import pinned_key_from_known_hosts
 
-
-def known_host_key(path: Path) -> str | None:
-    """The first key in a pin file: a bare ``type base64`` line or an OpenSSH known_hosts line."""
-    for line in path.read_text().splitlines():
-        fields = line.split()
-        if not fields or fields[0].startswith("#"):
-            continue
-        if fields[0].startswith(("ssh-", "ecdsa-", "sk-")) and len(fields) >= 2:
-            return f"{fields[0]} {fields[1]}"
-        if len(fields) >= 3:
-            return f"{fields[1]} {fields[2]}"
+        return pinned_key_from_known_hosts(Path(cfg.ssh.known_hosts).expanduser(), cfg.ssh.host, cfg.ssh.port)
     return None
 
 
