@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -140,12 +139,13 @@ def _ollama(cfg: Config) -> Check:
 
 
 def _disk(cfg: Config) -> Check:
+    from mhd.states.fetching import FREE_MARGIN, free_bytes
+
     d = cfg.state_dir if cfg.state_dir.exists() else Path("/")
-    free = shutil.disk_usage(d).free
+    free = free_bytes(d)
     pending = _pending_fetch(cfg)
     if pending is not None:
         # A run is fetching (or waiting for room to fetch): that is the number that matters now.
-        from mhd.states.fetching import FREE_MARGIN
 
         run_id, left, total = pending
         need = left + FREE_MARGIN if left else 0

@@ -246,7 +246,9 @@ async def _register(cfg: Config, client: OllamaClient, route: str, name: str, ad
             "merge.mode = \"peft\", or register it with an Ollama older than 0.34.1 (merge.route = \"adapter\"); "
             "the next run builds the merged model"
         )
-    log(f"registering the merged model {gguf_path} ({gguf_path.stat().st_size / 1e9:.2f} GB)")
+    size = gguf_path.stat().st_size
+    log(f"registering the merged model {gguf_path} "
+        + (f"({size / 1e9:.2f} GB)" if size >= 1e8 else f"({size / 1e6:.2f} MB)"))
     digest = await client.push_blob(gguf_path, log=log)
     await client.create(name, files={MERGED_GGUF: digest}, template=m.template, system=cfg.dataset.system_prompt,
                         log=log)

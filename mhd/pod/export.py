@@ -89,7 +89,10 @@ class ExportConfig:
         enabled = data.get("enabled", False)
         if not isinstance(enabled, bool):
             raise ValueError(f"export.enabled = {enabled!r}: expected true or false")
-        quantize = canonical_quant(data.get("quantize") or DEFAULT_QUANTIZE)
+        try:
+            quantize = canonical_quant(data.get("quantize") or DEFAULT_QUANTIZE)
+        except ValueError as exc:
+            raise ValueError(f"export.{exc}") from None
         llama_cpp_dir = data.get("llama_cpp_dir") or DEFAULT_LLAMA_CPP_DIR
         if not isinstance(llama_cpp_dir, str):
             raise ValueError(f"export.llama_cpp_dir = {llama_cpp_dir!r}: expected a path")
@@ -240,6 +243,9 @@ class Exporter:
             from transformers import AutoModelForCausalLM
 
             self._refuse_prequantized()
+            stored = base_weight_bytes(self.base_model)
+            if stored:  # fail in seconds, not after minutes of loading (the check below is exact)
+                self.need_space(2 * stored, "the merged weights and their GGUF")
             cuda = torch.cuda.is_available()
             # A 4-bit (QLoRA) run trained on quantized weights; the merge reloads the base unquantized.
             dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else torch.float32
@@ -250,8 +256,8 @@ class Exporter:
             model = PeftModel.from_pretrained(base, str(self.adapter)).merge_and_unload()
             self._fault("merge")
             nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-            # Peak: the merged weights and the converted GGUF side by side.
-            self.need_space(nbytes if self.cfg.direct else 2 * nbytes, "the merged weights and their GGUF")
+            # Peak: the merged weights and the converted GGUF side by side (then the first is deleted).
+            self.need_space(2 * nbytes, "the merged weights and their GGUF")
             tmp = self.work / f"merged.tmp-{os.getpid()}"
             model.save_pretrained(str(tmp), max_shard_size="5GB")
             for f in self.adapter.iterdir():  # tokenizer + chat template, as trained
@@ -330,6 +336,25 @@ class Exporter:
         if rc != 0:
             last = next((t for t in reversed(tail) if "error" in t.lower()), tail[-1] if tail else "no output")
             raise ExportProblem(f"{name} failed (exit {rc}): {_one_line(last)}")
+
+
+def base_weight_bytes(base_model: str) -> int | None:
+    """The base's stored weight size (local folder or HF cache, never a download), if known."""
+    local = Path(base_model)
+    if local.is_dir():
+        return sum(p.stat().st_size for p in local.glob("*.safetensors")) or None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        index = try_to_load_from_cache(base_model, "model.safetensors.index.json")
+        if isinstance(index, str):
+            return int(json.loads(Path(index).read_text())["metadata"]["total_size"])
+        single = try_to_load_from_cache(base_model, "model.safetensors")
+        if isinstance(single, str):
+            return Path(single).stat().st_size
+    except Exception:  # an estimate only: the exact check after the merge still holds
+        return None
+    return None
 
 
 def _quant_method(qc: Any) -> str:

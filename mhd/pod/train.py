@@ -769,7 +769,9 @@ def run_export(cfg: TrainConfig, run: RunDir, ecfg: Any) -> tuple[dict[str, Any]
             traceback.print_exc()
             error = f"{type(exc).__name__}: {_one_line(exc)}"
     else:
-        log(f"export done: {info['file']} ({info['quantize']}, {info['size'] / 1e9:.2f} GB)")
+        size = info["size"]
+        log(f"export done: {info['file']} ({info['quantize']}, "
+            + (f"{size / 1e9:.2f} GB)" if size >= 1e8 else f"{size / 1e6:.2f} MB)"))
         return {"enabled": True, **info}, [run.root / info["file"]]
     progress({"phase": "export", "status": "failed", "error": error, "time": time.time()})
     log(f"export failed, shipping the adapter alone: {error}")
