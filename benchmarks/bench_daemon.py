@@ -4,21 +4,22 @@ startup rescan of 100k memory files, and the dataset build — each row against 
 Run it from the repository root (the real ``mhd daemon`` processes it starts use the local
 provider and the protocol-true fake trainer from tests/; loopback and temp folders only):
 
-    .venv/bin/python -m benchmarks.bench_daemon            # the full run (about 4 minutes)
+    .venv/bin/python -m benchmarks.bench_daemon            # the full run (4-5 minutes)
     .venv/bin/python -m benchmarks.bench_daemon --quick    # shorter windows, fewer samples
     .venv/bin/python -m benchmarks.bench_daemon --profile  # also cProfile the in-process rescan
 
 What is measured, in this order:
-  small daemon   a daemon watching the ~60 committed example memories: start→ready (the
-                 start-up baseline), an idle window (RSS, CPU, torch mapped?), then a long
-                 fake-trainer run during which 2,000 ``status`` requests go over the socket
-                 (mhd.daemon.client.request, one connection each, back to back) and a few full
-                 ``mhd status --json`` CLI invocations are timed
+  small daemon   a daemon watching the 63 committed example memories: start→ready (the start-up
+                 baseline), an idle window (RSS, CPU, torch mapped?), memory files written one by
+                 one (each timed until ``pending_memories`` counts it), then a long fake-trainer
+                 run (5 steps/s, progress read every second) during which 2,000 ``status``
+                 requests go over the socket (mhd.daemon.client.request, a connection each, paced
+                 at 100/s), and a few full ``mhd status --json`` CLI invocations are timed
+  scaling        status_snapshot() in-process on a run with 100 / 1,000 / 5,000 progress rows
   rescan         MemoryIndex's own steps (file_cache, scan, save_file_cache, install) on a real
-                 Store in a child process, cold (empty DB cache) then warm — where the time goes
+                 Store in a child process, cold (empty DB cache) then warm: where the time goes
   big daemon     a daemon on 100k memory files: cold start (empty DB cache) → ready, stop, warm
-                 start → ready; then an idle window, then 200 memory files written one by one,
-                 each timed from write to ``pending_memories`` counting it
+                 start → ready; then an idle window and the same file-written → counted test
   dataset        build_dataset on the 100k files in a child process: memories/s, peak RSS
 
 The 100k corpus is generated once into benchmarks/out/corpus-100k/ (about 420 MB on disk) and
@@ -548,9 +549,8 @@ def rows_from(res: dict[str, Any]) -> list[dict[str, Any]]:
             p = ip[kind]
             parts = (f"in-process {p['total_s']:.1f} s = cache load {p['file_cache_load_s']:.1f} + scan "
                      f"{p['scan_s']:.1f} + cache save {p['save_file_cache_s']:.1f} + install {p['install_s']:.2f}")
-        note = parts
-        if r["inotify_overflows"]:
-            note += f"; {r['inotify_overflows']} inotify overflows during start"
+        note = "; ".join(x for x in (parts, f"{r['inotify_overflows']} inotify queue overflows during start"
+                                     if r["inotify_overflows"] else "") if x)
         add(f"startup rescan of 100k files, {kind}",
             f"{extra:.2f} s over the baseline start ({r['start_to_ready_s']:.2f} s start→ready)",
             f"< {limit:.0f} s", extra < limit, note)

@@ -68,6 +68,7 @@ def machine() -> dict[str, Any]:
     os_release = _first("/etc/os-release", "PRETTY_NAME=")
     return {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "loadavg_at_start": " ".join(Path("/proc/loadavg").read_text().split()[:3]),
         "cpu_model": _first("/proc/cpuinfo", "model name"),
         "cpus": os.cpu_count(),
         "cpus_usable": len(os.sched_getaffinity(0)),
@@ -200,7 +201,8 @@ def write_results(mach: dict[str, Any], daemon: dict[str, Any], transfer: dict[s
         "kernel": "kernel", "os": "OS", "filesystem_of_benchmarks_out": "filesystem of benchmarks/out",
         "python": "Python", "asyncssh": "asyncssh", "openssh_client": "OpenSSH client",
         "openssh_server": "OpenSSH server", "sqlite": "SQLite", "watchdog": "watchdog", "sqlalchemy": "SQLAlchemy",
-        "date": "date",
+        "date": "date", "loadavg_at_start": "load average at start (1/5/15 min)",
+        "loadavg_at_end": "load average at end (1/5/15 min)",
     }
     lines += [f"| {label} | {_cell(mach.get(key) or '—')} |" for key, label in labels.items()]
     lines.append("")
@@ -226,7 +228,8 @@ def write_results(mach: dict[str, Any], daemon: dict[str, Any], transfer: dict[s
         "(the files themselves are in the page cache). The in-process breakdown times MemoryIndex's own "
         "steps on a real Store (`--profile` writes cProfile files to benchmarks/out/).",
         "- The 100k corpus (benchmarks/out/corpus-100k/, generated once from the committed examples: "
-        "every type and folder layout, ~0.15 % rejects) spreads 2 years over ~5,300 folders.",
+        "every type and folder layout; ~3 % rejects: no consent, negative feedback, truncated, encrypted) spreads "
+        "two years over ~5,300 folders.",
         "- Dataset build: `build_dataset` with the default `[dataset]` config in a child process; peak RSS "
         "is that process's VmHWM.",
         "",
@@ -252,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         transfer = run_one("benchmarks.bench_transfer", TRANSFER_ARGS_QUICK if args.quick else TRANSFER_ARGS,
                            OUT_DIR / "transfer.json")
     seconds = time.time() - started
+    mach["loadavg_at_end"] = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     combined = {"machine": mach, "quick": args.quick, "seconds": round(seconds, 1),
                 "daemon": daemon, "transfer": transfer}
     (OUT_DIR / "all.json").write_text(json.dumps(combined, indent=2, default=str) + "\n")
