@@ -80,6 +80,19 @@ def live_members(pgid: int) -> list[psutil.Process]:
     return out
 
 
+def pending_signals(pid: int) -> set[int]:
+    """Signals queued for ``pid`` and not yet delivered (a stopped process keeps them queued)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return set()
+    mask = 0
+    for line in status.splitlines():
+        if line.startswith(("SigPnd:", "ShdPnd:")):
+            mask |= int(line.split()[1], 16)
+    return {n for n in range(1, 65) if mask >> (n - 1) & 1}
+
+
 class E2E:
     def __init__(self, tmp: Path, tiny_model: Path) -> None:
         self.tmp = tmp
@@ -139,7 +152,7 @@ class E2E:
             "training": {
                 "base_model": str(self.tiny_model), "python": sys.executable, "script": str(TRAINER),
                 "load_in_4bit": False, "max_seq_length": 128, "gradient_accumulation_steps": 1,
-                "per_device_train_batch_size": 1, "num_train_epochs": 2, "save_steps": 4,
+                "per_device_train_batch_size": 1, "num_train_epochs": 1, "save_steps": 4,
                 "lora_rank": 4, "lora_alpha": 8, "lora_dropout": 0.0, "learning_rate": 5e-3,
             },
             "merge": {"mode": "ollama", "ollama_url": self.ollama.url, "base": OLLAMA_BASE,
@@ -284,13 +297,21 @@ class E2E:
         return None
 
     @contextlib.contextmanager
-    def hold_trainer(self, run_id: str) -> Iterator[int]:
-        """SIGSTOP the job's process group for the block, so training provably outlasts it."""
-        pgid = wait_until(lambda: self.trainer_process(run_id) and self.job_group(run_id), 60,
-                          "the trainer to run", on_timeout=self.tail)
+    def hold_trainer(self, run_id: str, at_step: int = 1, *, when: Callable[[], bool] = lambda: True
+                     ) -> Iterator[int]:
+        """Freeze the job's process group (SIGSTOP) once training reached ``at_step`` (and
+        ``when()`` holds), for the block; then SIGCONT. Frozen, the trainer provably outlasts
+        whatever the block does, and its pid stays alive for the daemon to see."""
+        def reached() -> int | None:
+            pgid = self.job_group(run_id)
+            return pgid if pgid and self.step(run_id) >= at_step and when() else None
+
+        pgid = wait_until(reached, 90, f"training to reach step {at_step}", interval=0.01, on_timeout=self.tail)
         os.killpg(pgid, signal.SIGSTOP)
         self._stopped.add(pgid)
         try:
+            assert not (self.remote_dir(run_id) / "manifest.json").exists(), "the trainer finished before the hold"
+            assert self.trainer_process(run_id) is not None, "no trainer in the job's process group"
             yield pgid
         finally:
             with contextlib.suppress(OSError):
