@@ -143,14 +143,19 @@ def test_sshd_restart_during_training_reconnects_and_reattaches(e2e: E2E) -> Non
     d = e2e.daemon().start()
     run_id = e2e.start_run(d)
     with e2e.hold_trainer(run_id, at_step=1):
-        starts = e2e.sshd.starts
-        e2e.sshd.restart()  # new process, same host key and port; every SSH connection dropped
-        assert e2e.sshd.starts == starts + 1
+        e2e.sshd.stop()  # every SSH connection dropped; detached jobs live on
+        wait_until(lambda: e2e.log_count("Training → Connecting") >= 1, 60, "the drop noticed", on_timeout=e2e.tail)
+        # Down for a while: the daemon keeps trying (with backoff) and is refused each time.
+        tries = e2e.proxy.connections
+        wait_until(lambda: e2e.proxy.connections >= tries + 2, 60, "reconnect attempts", on_timeout=e2e.tail)
+        assert e2e.log_count("Connecting → Training") == 0
+        e2e.sshd.start()  # a new sshd process: same host key, same port
         wait_until(lambda: e2e.log_count("Connecting → Training") >= 1, 60, "reattached", on_timeout=e2e.tail)
     last = e2e.wait_run_end(d, run_id)
 
     path = e2e.assert_succeeded(last)
     assert path == [*HAPPY[:5], "Connecting", "Training", *HAPPY[5:]], path
+    assert e2e.sshd.starts == 2
 
 
 def test_trainer_killed_on_the_host_is_relaunched_and_resumes_from_checkpoint(e2e: E2E) -> None:
