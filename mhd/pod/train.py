@@ -823,7 +823,8 @@ def read_config(run: RunDir) -> TrainConfig:
     return TrainConfig.from_dict(data)
 
 
-def main(argv: list[str] | None = None, *, restart: bool = True) -> int:
+def main(argv: list[str] | None = None, *, restart: bool = False) -> int:
+    """``restart``: after training, re-execute this script for the export (the command line does)."""
     started = time.time()
     cfg: TrainConfig | None = None
     try:
@@ -864,4 +865,4 @@ def main(argv: list[str] | None = None, *, restart: bool = True) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(restart=True))

@@ -149,7 +149,7 @@ async def wait_for_disk(ctx: RunContext, run: Run, out: Path, files: list[Manife
         msg = (f"{NO_SPACE} under {out} to fetch the run's artifacts: {gb(left)} still to download "
                f"+ {gb(FREE_MARGIN)} margin, {gb(free)} free. The pod {run.pod_id} is kept (nothing is "
                f"lost); free space and the fetch resumes by itself (rechecked every {DISK_RECHECK_S:.0f} s). "
-               f"After {limit / 3600:.1f} h (runpod.max_unattended) the pod stops itself and the run gives up")
+               f"The run gives up after {limit / 3600:.1f} h (runpod.max_unattended: a RunPod pod stops itself then)")
         if since is None:
             ctx.store.add_event(run.id, DISK_EVENT, f"waiting: {gb(left)} to fetch, {gb(free)} free")
             ctx.append_log(run, msg)
@@ -158,7 +158,8 @@ async def wait_for_disk(ctx: RunContext, run: Run, out: Path, files: list[Manife
         waited = now() - since
         if waited > limit:
             raise InsufficientDisk(f"{NO_SPACE} under {out} for {waited / 3600:.1f} h: {gb(left)} to fetch, "
-                                   f"{gb(free)} free; the pod has stopped itself by now (runpod.max_unattended)")
+                                   f"{gb(free)} free; giving up (runpod.max_unattended: a RunPod pod has stopped "
+                                   "itself by now)")
         if run.error != msg:
             run = ctx.store.update_run(run.id, error=msg)
         await ctx.pause(DISK_RECHECK_S)

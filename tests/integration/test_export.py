@@ -265,6 +265,25 @@ def test_export_that_cannot_run_ships_the_adapter_with_the_reason(
     assert job.progress()[-1]["phase"] == "export" and job.progress()[-1]["status"] == "failed"
 
 
+def test_llama_quantize_binary_writes_the_same_model_as_the_binding(
+        exported: Job, tmp_path: Path, tiny_model_dir: Path, dataset: Path, shim: Path,
+        llama_cpp_dir: Path) -> None:  # noqa: F811
+    binary = llama_cpp_dir / "llama-quantize"
+    if not binary.is_file():  # optional: the pod's quantizer, built by MHD_LLAMA_QUANTIZE=1 scripts/setup-llama-cpp
+        pytest.skip(f"no {binary} (MHD_LLAMA_QUANTIZE=1 scripts/setup-llama-cpp builds it)")
+    with_binary = shutil.copytree(shim, tmp_path / "llama.cpp")
+    shutil.copy(binary, with_binary / "llama-quantize")
+    job = prepare(tmp_path / "run", tiny_model_dir, dataset, with_binary)
+    shutil.copytree(exported.dir / "adapter", job.dir / "adapter")
+    shutil.copy(exported.dir / "trained.json", job.dir / "trained.json")
+
+    job.finish()
+
+    assert job.rc == 0, job.log()[-3000:]
+    assert f"with {with_binary / 'llama-quantize'}" in job.log()
+    assert job.manifest()["export"]["sha256"] == exported.manifest()["export"]["sha256"]
+
+
 # --- registering what the pod built -------------------------------------------------------------
 
 

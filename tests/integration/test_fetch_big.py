@@ -31,6 +31,7 @@ from mhd.states.context import RunContext
 from mhd.states.model import Outcome, RunState
 from mhd.states.runner import Runner
 from mhd.store import Run, Store
+from mhd.views import run_dict
 from tests.support.sshd import SshServer
 from tests.support.tcpproxy import TcpProxy
 
@@ -192,6 +193,9 @@ def test_a_1_gib_model_fetch_cut_twice_resumes_verifies_and_keeps_memory_flat(
     assert len(lost) >= 2
     assert growth < 50 * MiB, f"RSS grew by {growth / MiB:.1f} MiB while fetching 1 GiB"
     assert final.fetch_s > 0 and final.pod_stopped_at is not None  # terminated only after verification
+    shown = run_dict(final)
+    assert shown["fetch_cost_usd"] == round(1.8 * final.fetch_s / 3600, 4) > 0
+    assert shown["fetch_cost_usd"] <= shown["cost_usd"]
     assert (pod.remote / "heartbeat").exists()  # the fetch kept the pod's dead-man timer fed
 
 
