@@ -96,6 +96,28 @@ def test_no_capacity_on_the_first_gpu_type_falls_through_to_the_next(e2e: E2E) -
     assert rp.live_pods() == {}
 
 
+def test_pod_restarted_on_another_port_during_training_is_found_there(e2e: E2E) -> None:
+    rp = e2e.use_runpod()
+    e2e.configure("runpod")
+    e2e.write_memories(6)
+    d = e2e.daemon().start()
+    run_id = e2e.start_run(d)
+    moved = e2e.new_proxy()
+    with e2e.hold_trainer(run_id, at_step=1):
+        (pod_id,) = rp.pods
+        # The pod came back with a new public port; the old one is closed.
+        rp.set_ssh_endpoint("127.0.0.1", moved.port, pod_id)
+        e2e.proxy.pause(cut=True)
+        wait_until(lambda: e2e.log_count("Connecting → Training") >= 1, 60, "reattached", on_timeout=e2e.tail)
+        assert moved.connections >= 1  # a fresh mapping, never the cached endpoint
+    last = e2e.wait_run_end(d, run_id)
+
+    path = e2e.assert_succeeded(last)
+    assert path == [*HAPPY[:5], "Connecting", "Training", *HAPPY[5:]], path
+    assert f"connected to {e2e.sshd.user}@127.0.0.1:{moved.port}" in e2e.log_text()
+    assert rp.created_count == 1 and rp.live_pods() == {}
+
+
 def test_402_insufficient_balance_aborts_cleanly_without_a_pod(e2e: E2E) -> None:
     rp = e2e.use_runpod()
     # A careless proxy echoing the request: the key must be scrubbed from the error all the same.

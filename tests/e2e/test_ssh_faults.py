@@ -59,22 +59,29 @@ def test_link_cut_three_times_during_upload_skips_what_arrived(e2e: E2E) -> None
     assert sent + skipped == len(inputs) and skipped >= 1, (sent, skipped, inputs)
 
 
-def test_link_cut_three_times_during_training_reattaches_without_relaunch(e2e: E2E) -> None:
-    e2e.configure()
+def test_link_cut_three_times_then_dead_during_training_reattaches_without_relaunch(e2e: E2E) -> None:
+    e2e.configure()  # keepalive every 2 s, 3 missed answers = dead
     e2e.write_memories(6)
     d = e2e.daemon().start()
     run_id = e2e.start_run(d)
-    # Frozen, the trainer provably outlasts the three cuts; its pid stays alive all along.
+    # Frozen, the trainer provably outlasts the faults; its pid stays alive all along.
     with e2e.hold_trainer(run_id, at_step=1):
         for i in range(1, 4):
             assert e2e.proxy.cut() >= 1
             wait_until(lambda i=i: e2e.log_count("Training → Connecting") >= i and
                        e2e.log_count("Connecting → Training") >= i, 60, f"reattach after cut {i}",
                        on_timeout=e2e.tail)
+        # Then a link that dies silently (no RST, as behind a NAT that forgot us): keepalive notices.
+        e2e.proxy.stall()
+        wait_until(lambda: e2e.log_count("Training → Connecting") >= 4, 60, "the dead link noticed",
+                   on_timeout=e2e.tail)
+        e2e.proxy.unstall()
+        wait_until(lambda: e2e.log_count("Connecting → Training") >= 4, 60, "reattach after the stall",
+                   on_timeout=e2e.tail)
     last = e2e.wait_run_end(d, run_id)
 
     path = e2e.assert_succeeded(last)
-    assert path == HAPPY[:5] + ["Connecting", "Training"] * 3 + HAPPY[5:], path
+    assert path == HAPPY[:5] + ["Connecting", "Training"] * 4 + HAPPY[5:], path
     # Progress was read from the stored byte offset across reconnects: each step exactly once.
     store = e2e.store()
     steps = [p.step for p in store.progress(run_id) if p.phase == "train"]

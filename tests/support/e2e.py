@@ -106,6 +106,7 @@ class E2E:
         for d in (self.memories, self.state, self.remote_root):
             d.mkdir(parents=True, exist_ok=True)
         self.procs: list[DaemonProc] = []
+        self.extra_proxies: list[TcpProxy] = []
         self.runpod: RunpodStandin | None = None
         self._groups: set[int] = set()
         self._stopped: set[int] = set()
@@ -131,6 +132,12 @@ class E2E:
         kw.setdefault("ssh_user", self.sshd.user)
         self.runpod = RunpodStandin(api_key=API_KEY, ssh_host="127.0.0.1", ssh_port=self.proxy.port, **kw).start()
         return self.runpod
+
+    def new_proxy(self) -> TcpProxy:
+        """Another way in to the same sshd (a pod that came back on another public port)."""
+        proxy = TcpProxy(self.sshd.host, self.sshd.port).start()
+        self.extra_proxies.append(proxy)
+        return proxy
 
     def configure(self, provider: str = "ssh", **overrides: Any) -> Path:
         """Write the daemon's config; ``overrides`` like ``training={"num_train_epochs": 1}``."""
@@ -406,7 +413,8 @@ class E2E:
         for pgid in self.alive_groups() + sorted(self._stopped):
             with contextlib.suppress(OSError):
                 os.killpg(pgid, signal.SIGKILL)
-        for stop in (getattr(self.proxy, "stop", None), getattr(self.ollama, "stop", None),
+        for stop in (*(p.stop for p in self.extra_proxies), getattr(self.proxy, "stop", None),
+                     getattr(self.ollama, "stop", None),
                      getattr(self.runpod, "stop", None), self.sshd.close):
             if stop is not None:
                 with contextlib.suppress(Exception):
