@@ -226,7 +226,7 @@ class Daemon:
                 for pod in reaped:
                     self.store.pod_terminated(pod.id, note="reaped: no active run owned it")
                     self.store.add_event(None, "reaped", f"{pod.name} ({pod.id})")
-            except Exception:  # noqa: BLE001 - the reaper must outlive provider hiccups
+            except Exception:  # the reaper must outlive provider hiccups
                 log.exception("reaper failed; will try again")
             await asyncio.sleep(self.cfg.runpod.reap_interval_s)
 
