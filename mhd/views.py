@@ -49,19 +49,14 @@ def run_dict(run: Run, at: float | None = None) -> dict[str, Any]:
 
 
 def gpu_dict(store: Store, run: Run | None) -> dict[str, Any] | None:
-    if run is None:
+    p = store.last_gpu_point(run.id) if run is not None else None
+    if p is None:
         return None
-    for p in reversed(store.progress(run.id)):
-        if p.gpu_util is not None or p.gpu_mem_used is not None:
-            return {"gpu_util": p.gpu_util, "gpu_mem_used": p.gpu_mem_used, "gpu_mem_total": p.gpu_mem_total}
-    return None
+    return {"gpu_util": p.gpu_util, "gpu_mem_used": p.gpu_mem_used, "gpu_mem_total": p.gpu_mem_total}
 
 
 def loss_history(store: Store, run: Run | None, limit: int = 200) -> list[float]:
-    if run is None:
-        return []
-    losses = [p.loss for p in store.progress(run.id) if p.loss is not None]
-    return losses[-limit:]
+    return store.recent_losses(run.id, limit) if run is not None else []
 
 
 def status_snapshot(store: Store, *, pending: int, threshold: int, daemon: dict[str, Any],

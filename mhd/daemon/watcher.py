@@ -15,7 +15,18 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.events import (
+    DirCreatedEvent,
+    DirDeletedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
 from watchdog.observers import Observer
 
 from mhd.config import DatasetConfig
@@ -27,6 +38,17 @@ log = logging.getLogger(__name__)
 SUFFIXES = (".json", ".json.enc")
 
 FileInfo = tuple[int, int, str | None]  # mtime_ns, size, key (None: not a usable memory)
+
+# Only what can change a memory. Without this filter watchdog also subscribes to open and
+# close-without-write: merely walking 100k files then overflows the kernel's inotify queue,
+# watchdog re-adds every watch (walking the tree again) and the daemon spins forever.
+EVENTS = [FileCreatedEvent, FileModifiedEvent, FileClosedEvent, FileMovedEvent, FileDeletedEvent,
+          DirCreatedEvent, DirMovedEvent, DirDeletedEvent]
+
+
+def _digest(key: str | None) -> bytes | None:
+    # 32 raw bytes instead of a 64-char str: the index holds one per memory file.
+    return bytes.fromhex(key) if key else None
 
 
 def is_memory_path(path: str) -> bool:
@@ -79,10 +101,10 @@ class MemoryIndex:
         self.root = root
         self.store = store
         self.cfg = cfg
-        self.files: dict[str, FileInfo] = {}
-        self.refs: Counter[str] = Counter()
-        self.trained: set[str] = set()
-        self.pending_keys: set[str] = set()
+        self.files: dict[str, bytes | None] = {}
+        self.refs: Counter[bytes] = Counter()
+        self.trained: set[bytes] = set()
+        self.pending_keys: set[bytes] = set()
         self.not_ready: set[str] = set()
         self._dirty: dict[str, FileInfo] = {}
         self._removed: set[str] = set()
@@ -95,27 +117,27 @@ class MemoryIndex:
         """Thread-safe part of the startup rescan (reads files and the DB, touches no state)."""
         cache = self.store.file_cache()
         result = scan(self.root, cache, self.cfg)
+        del cache
         self.store.save_file_cache(result.dirty, result.removed)
         return result
 
     def install(self, result: ScanResult) -> None:
-        self.trained = self.store.trained_keys()
-        self.files = dict(result.files)
-        self.refs = Counter(k for (_, _, k) in self.files.values() if k)
+        self.trained = {d for d in map(_digest, self.store.trained_keys()) if d}
+        self.files = {p: _digest(info[2]) for p, info in result.files.items()}
+        self.refs = Counter(k for k in self.files.values() if k)
         self.pending_keys = {k for k in self.refs if k not in self.trained}
         self.not_ready = set(result.not_ready)
 
     def _drop(self, p: str) -> None:
         old = self.files.pop(p, None)
-        if old and old[2]:
-            self.refs[old[2]] -= 1
-            if self.refs[old[2]] <= 0:
-                del self.refs[old[2]]
-                self.pending_keys.discard(old[2])
+        if old:
+            self.refs[old] -= 1
+            if self.refs[old] <= 0:
+                del self.refs[old]
+                self.pending_keys.discard(old)
 
-    def _add(self, p: str, info: FileInfo) -> None:
-        self.files[p] = info
-        key = info[2]
+    def _add(self, p: str, key: bytes | None) -> None:
+        self.files[p] = key
         if key:
             self.refs[key] += 1
             if key not in self.trained:
@@ -123,7 +145,6 @@ class MemoryIndex:
 
     def update(self, path: str) -> bool:
         """Re-read one path after an event; returns True if it is still not ready (retry later)."""
-        before = self.pending
         self._drop(path)
         self.not_ready.discard(path)
         p = Path(path)
@@ -137,12 +158,10 @@ class MemoryIndex:
         if isinstance(result, NotReady):
             self.not_ready.add(path)
             return True
-        info = (st.st_mtime_ns, st.st_size, result.key if isinstance(result, Memory) else None)
-        self._add(path, info)
-        self._dirty[path] = info
+        key = result.key if isinstance(result, Memory) else None
+        self._add(path, _digest(key))
+        self._dirty[path] = (st.st_mtime_ns, st.st_size, key)
         self._removed.discard(path)
-        if self.pending != before:
-            log.debug("pending memories: %d", self.pending)
         return False
 
     def remove(self, path: str) -> None:
@@ -150,10 +169,17 @@ class MemoryIndex:
         self.not_ready.discard(path)
         self._removed.add(path)
 
+    def remove_tree(self, folder: str) -> None:
+        prefix = folder.rstrip(os.sep) + os.sep
+        for p in [p for p in self.files if p.startswith(prefix)]:
+            self.remove(p)
+
     def mark_trained(self, keys: Iterable[str]) -> None:
         for k in keys:
-            self.trained.add(k)
-            self.pending_keys.discard(k)
+            d = _digest(k)
+            if d:
+                self.trained.add(d)
+                self.pending_keys.discard(d)
 
     def flush(self) -> None:
         """Persist the (mtime, size, key) cache; only speeds up the next rescan."""
@@ -169,6 +195,8 @@ class _Handler(FileSystemEventHandler):
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         if event.is_directory:
+            if event.event_type in ("moved", "deleted"):
+                self.emit("dirgone", str(event.src_path))
             if event.event_type in ("created", "moved"):
                 # A folder moved in (or created with files already inside) brings its files along.
                 self.emit("dir", str(getattr(event, "dest_path", "") or event.src_path))
@@ -206,7 +234,7 @@ class Watcher:
 
         self.index.root.mkdir(parents=True, exist_ok=True)
         observer = Observer()
-        observer.schedule(_Handler(emit), str(self.index.root), recursive=True)
+        observer.schedule(_Handler(emit), str(self.index.root), recursive=True, event_filter=EVENTS)
         observer.daemon = True
         observer.start()
         self.observer = observer
@@ -234,6 +262,8 @@ class Watcher:
             try:
                 if kind == "remove":
                     self.index.remove(path)
+                elif kind == "dirgone":
+                    self.index.remove_tree(path)
                 elif kind == "dir":
                     for p in iter_memory_files(Path(path)):
                         if self.index.update(str(p)):

@@ -59,3 +59,15 @@ def test_malformed_files_never_stop_the_daemon(denv):
     write_memory(denv.memories, "a fine memory among broken ones, long enough")
     d.wait_for(lambda: d.status()["pending_memories"] == 1, 10, "1 pending")
     assert d.ping()
+
+
+def test_a_folder_moved_out_and_back_in_is_uncounted_and_recounted(denv, tmp_path):
+    d = denv.daemon().start()
+    write_memories(denv.memories, 3)
+    d.wait_for(lambda: d.status()["pending_memories"] == 3, 10, "3 pending")
+    year = next(denv.memories.iterdir())
+    outside = tmp_path / "parked"
+    os.rename(year, outside)
+    d.wait_for(lambda: d.status()["pending_memories"] == 0, 10, "0 pending after move-out")
+    os.rename(outside, year)
+    d.wait_for(lambda: d.status()["pending_memories"] == 3, 10, "3 pending after move-in")
