@@ -17,6 +17,7 @@ import pytest
 
 from mhd.remote.ssh import host_key_fingerprint
 from tests.support.e2e import E2E, HAPPY, count_transitions, pending_signals, wait_until
+from tests.support.memories import memory, write
 from tests.support.ollama_standin import normalize
 
 pytestmark = pytest.mark.slow
@@ -219,8 +220,6 @@ def test_host_key_change_aborts_with_a_clear_reason_and_stops_the_job(e2e: E2E) 
 
 
 def test_malformed_half_written_and_binary_memories_are_counted_not_fatal(e2e: E2E) -> None:
-    from tests.support.memories import write
-
     e2e.configure(dataset={"not_ready_grace_s": 600})
     e2e.write_memories(5)
     day = "2026/07/19"
@@ -229,7 +228,7 @@ def test_malformed_half_written_and_binary_memories_are_counted_not_fatal(e2e: E
     write(e2e.memories, f"{day}/evt-3-list.json", ["not", "an", "object"])
     write(e2e.memories, f"{day}/evt-4-empty.json", {"type": "observation", "content": "  ", "tags": []})
     # Being written right now: half a JSON object with a fresh mtime.
-    write(e2e.memories, f"{day}/evt-5-half.json", text='{"id": "evt-5", "content": "I was wri', mtime=None)
+    half = write(e2e.memories, f"{day}/evt-5-half.json", text='{"id": "evt-5", "content": "I was wri', mtime=None)
     d = e2e.daemon().start()
     run_id = e2e.start_run(d)
     last = e2e.wait_run_end(d, run_id)
@@ -240,3 +239,8 @@ def test_malformed_half_written_and_binary_memories_are_counted_not_fatal(e2e: E
     assert report["not_ready"] == 1, report
     assert last["samples"] == 5 and report["memories_read"] == 5, report
     assert e2e.train_starts(run_id) == [(5, 0)]
+    assert d.status()["pending_memories"] == 0
+    # The writer finishes the half-written file: now it is a memory waiting for the next run.
+    write(e2e.memories, f"{day}/evt-5-half.json", memory("I was writing this when the run began."), mtime=None)
+    d.wait_for(lambda: d.status()["pending_memories"] == 1, 30, f"{half.name} counted once complete")
+    assert d.stop() == 0
