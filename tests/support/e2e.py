@@ -110,7 +110,8 @@ class E2E:
         self.runpod: RunpodStandin | None = None
         self._groups: set[int] = set()
         self._stopped: set[int] = set()
-        self.sshd = SshServer()
+        # What the "pod" gives every SSH session: no hub, no cache outside the test's folder.
+        self.sshd = SshServer(extra_config={"SetEnv": f"HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HOME={tmp / 'hf'}"})
         self.proxy: TcpProxy | None = None
         self.ollama: OllamaStandIn | None = None
         try:
