@@ -58,6 +58,10 @@ def test_sigkill_between_create_and_persist_never_rents_a_second_pod(e2e: E2E) -
     assert rp.live_pods() == {}  # terminated once the adapter was verified
     assert [r.path for r in rp.requests_for("DELETE /pods/{id}")] == [f"/pods/{pod_id}"]
     assert "reaper: terminated" not in e2e.log_text()
+    store = e2e.store()
+    ledger = [(p.pod_id, p.run_id, p.terminated_at is not None) for p in store.pods()]
+    store.close()
+    assert ledger == [(pod_id, run_id, True)]
     assert_key_nowhere(e2e, cli(e2e, "logs", run_id), cli(e2e, "runs", "--json"))
     assert d2.stop() == 0
 

@@ -108,21 +108,29 @@ def test_link_cut_three_times_during_fetch_resumes_and_verifies(e2e: E2E) -> Non
     assert len(whole) == len(set(whole)), fetched
 
 
-def test_daemon_sigkill_during_training_then_restart_reattaches(e2e: E2E) -> None:
+def test_daemon_sigkill_during_training_reattaches_then_finds_the_finished_job(e2e: E2E) -> None:
     e2e.configure()
     e2e.write_memories(6)
     d = e2e.daemon().start()
     run_id = e2e.start_run(d)
     with e2e.hold_trainer(run_id, at_step=1) as pgid:
         d.kill()
-        d2 = e2e.daemon().start()
+        d2 = e2e.daemon().start()  # the trainer still runs: reattach to it
         wait_until(lambda: e2e.log_count("Connecting → Training") >= 1, 60, "reattached", on_timeout=e2e.tail)
         assert e2e.trainer_process(run_id) is not None and e2e.job_group(run_id) == pgid
-    last = e2e.wait_run_end(d2, run_id)
+        d2.kill()
+    # The trainer finishes while no daemon watches; the next one finds exit_code and goes on.
+    wait_until((e2e.remote_dir(run_id) / "exit_code").exists, 90, "training to end unwatched")
+    d3 = e2e.daemon().start()
+    last = e2e.wait_run_end(d3, run_id)
 
     path = e2e.assert_succeeded(last)
-    assert path == [*HAPPY[:5], "Connecting", "Training", *HAPPY[5:]], path
-    assert d2.stop() == 0
+    assert path == [*HAPPY[:5], *["Connecting", "Training"] * 2, *HAPPY[5:]], path
+    store = e2e.store()
+    steps = [p.step for p in store.progress(run_id) if p.phase == "train"]
+    store.close()
+    assert steps == list(range(1, 7)), steps  # read across three daemons, each line once
+    assert d3.stop() == 0
 
 
 def test_daemon_sigkill_during_fetch_then_restart_finishes(e2e: E2E) -> None:
