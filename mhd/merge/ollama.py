@@ -15,7 +15,6 @@ Request bodies are never logged or put into error messages (prompts may be perso
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any
 import httpx
 
 from mhd.errors import MergeError
+from mhd.hashing import sha256_file
 
 Log = Callable[[str], None]
 
@@ -50,17 +50,9 @@ def normalize_name(name: str) -> str:
     return f"{head}/{last}" if head else last
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return "sha256:" + h.hexdigest()
-
-
 async def file_digest(path: Path) -> str:
     """``sha256:<hex>`` of a file, streamed, off the event loop."""
-    return await asyncio.to_thread(_sha256_file, path)
+    return await asyncio.to_thread(blob_digest, path)
 
 
 def _server_error(resp: httpx.Response) -> str:
@@ -274,3 +266,7 @@ class OllamaClient:
         except ValueError as exc:
             raise OllamaError(f"Ollama at {self.base_url}: {op}: a streamed line is not JSON") from exc
         return "".join(parts)
+
+
+def blob_digest(path: Path) -> str:
+    return "sha256:" + sha256_file(path)

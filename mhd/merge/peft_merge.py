@@ -11,7 +11,6 @@ renamed to ``OUT``; a directory holding ``mhd_merge.json`` is complete and is le
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -19,20 +18,14 @@ import sys
 import time
 from pathlib import Path
 
+from mhd.hashing import sha256_file
+
 DONE = "mhd_merge.json"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
 class MergeFailed(Exception):
     pass
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def merge(adapter: Path, base: str, out: Path, dtype: str = "auto") -> Path:
@@ -70,7 +63,7 @@ def merge(adapter: Path, base: str, out: Path, dtype: str = "auto") -> Path:
     (tmp / DONE).write_text(json.dumps({
         "base": base,
         "adapter": str(adapter),
-        "adapter_sha256": _sha256(weights) if weights.is_file() else None,
+        "adapter_sha256": sha256_file(weights) if weights.is_file() else None,
         "dtype": str(merged.dtype),
         "seconds": round(time.monotonic() - t0, 2),
     }, indent=2))

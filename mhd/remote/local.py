@@ -8,7 +8,6 @@ creation is appended to ``<root>/pods.log`` so tests can count creations from ou
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import os
 import shutil
@@ -17,27 +16,11 @@ import time
 from pathlib import Path
 
 from mhd.errors import IntegrityError, RemoteError
+from mhd.hashing import sha256_file
 from mhd.remote.provider import POD_PREFIX, Endpoint, Pod
 from mhd.remote.session import CommandResult
 
 CHUNK = 1 << 20
-
-
-def sha256_file(path: Path, *, limit: int | None = None) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        remaining = limit
-        while True:
-            n = CHUNK if remaining is None else min(CHUNK, remaining)
-            if n == 0:
-                break
-            block = f.read(n)
-            if not block:
-                break
-            h.update(block)
-            if remaining is not None:
-                remaining -= len(block)
-    return h.hexdigest()
 
 
 class LocalProvider:

@@ -41,6 +41,7 @@ from asyncssh.encryption import get_default_encryption_algs
 from asyncssh.public_key import get_default_public_key_algs
 
 from mhd.errors import ConnectionLost, HostKeyMismatch, IntegrityError, MhdError, RemoteError
+from mhd.hashing import sha256_file
 from mhd.remote.provider import Endpoint
 from mhd.remote.session import CommandResult, Session
 
@@ -300,14 +301,6 @@ def _short(command: str, limit: int = 80) -> str:
     return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(_HASH_CHUNK):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _hash_prefix(path: Path, length: int) -> Any:
     """A sha256 object fed with the first ``length`` bytes of ``path`` (the resumable part)."""
     h = hashlib.sha256()
@@ -458,7 +451,7 @@ class SshSession:
         Memory stays bounded by ``DOWNLOAD_WINDOW`` blocks whatever the file size.
         """
         want = sha256.lower()
-        if local.exists() and await asyncio.to_thread(_sha256_file, local) == want:
+        if local.exists() and await asyncio.to_thread(sha256_file, local) == want:
             return 0
         local.parent.mkdir(parents=True, exist_ok=True)
         part = local.with_name(local.name + ".part")

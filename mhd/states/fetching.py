@@ -27,8 +27,9 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from mhd.errors import InsufficientDisk, IntegrityError, JobFailed
+from mhd.hashing import sha256_file as sha256_path
 from mhd.remote.job import RemoteJob
-from mhd.states.context import RunContext, sha256_path
+from mhd.states.context import RunContext
 from mhd.states.machine import RunMachine
 from mhd.store import Run, now
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import shlex
 
 from mhd.errors import RemoteError
-from mhd.states.context import RunContext, sha256_path
+from mhd.hashing import sha256_file as sha256_path
+from mhd.states.context import RunContext
 from mhd.states.machine import RunMachine
 from mhd.states.provisioning import input_files
 

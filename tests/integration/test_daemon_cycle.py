@@ -41,7 +41,7 @@ def test_full_cycle_walks_the_seven_states_and_back(denv):
     run = store.get_run(run_id)
     assert run.step == 10 and run.total_steps == 10
     manifest = json.loads((denv.state / "runs" / run_id / "output" / "manifest.json").read_text())
-    from mhd.states.context import sha256_path
+    from mhd.hashing import sha256_file as sha256_path
 
     for f in manifest["files"]:
         assert sha256_path(denv.state / "runs" / run_id / "output" / f["path"]) == f["sha256"]

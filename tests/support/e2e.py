@@ -19,7 +19,6 @@ The "pod" is this machine seen through sshd, so the remote run folder
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import itertools
 import json
 import os
@@ -34,6 +33,7 @@ from typing import Any
 import psutil
 
 from mhd.devtools.toml_write import write_config
+from mhd.hashing import sha256_file
 from mhd.store import Store
 from tests.support.daemon import REPO, DaemonProc, write_memories
 from tests.support.ollama_standin import OllamaStandIn
@@ -60,14 +60,6 @@ def wait_until(pred: Callable[[], Any], timeout: float, what: str, *, interval: 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}\n{on_timeout()}")
         time.sleep(interval)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def live_members(pgid: int) -> list[psutil.Process]:
