@@ -30,7 +30,7 @@ from watchdog.events import (
 from watchdog.observers import Observer
 
 from mhd.config import DatasetConfig
-from mhd.dataset.memories import Memory, NotReady, iter_memory_files, read_memory
+from mhd.dataset.memories import Memory, NotReady, iter_memory_files, iter_memory_stats, read_memory
 from mhd.store import Store
 
 log = logging.getLogger(__name__)
@@ -71,19 +71,14 @@ def scan(root: Path, cache: dict[str, FileInfo], cfg: DatasetConfig) -> ScanResu
     dirty: dict[str, FileInfo] = {}
     not_ready: set[str] = set()
     parsed = cached = 0
-    for path in iter_memory_files(root):
-        p = str(path)
-        try:
-            st = path.stat()
-        except OSError:
-            continue
+    for p, st in iter_memory_stats(root):
         hit = cache.get(p)
         if hit is not None and hit[0] == st.st_mtime_ns and hit[1] == st.st_size:
             files[p] = hit
             cached += 1
             continue
         parsed += 1
-        result = read_memory(path, root, max_bytes=cfg.max_file_bytes, not_ready_grace_s=cfg.not_ready_grace_s)
+        result = read_memory(Path(p), root, max_bytes=cfg.max_file_bytes, not_ready_grace_s=cfg.not_ready_grace_s)
         if isinstance(result, NotReady):
             not_ready.add(p)
             continue
