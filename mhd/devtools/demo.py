@@ -43,7 +43,7 @@ def demo_config(work: Path, model: Path, web: bool) -> Path:
         "training": {
             "base_model": str(model), "python": sys.executable, "load_in_4bit": False,
             "max_seq_length": 384, "gradient_accumulation_steps": 2, "num_train_epochs": 2,
-            "learning_rate": 1e-3, "save_steps": 10, "lora_rank": 8, "lora_alpha": 16,
+            "learning_rate": 5e-3, "save_steps": 10, "lora_rank": 8, "lora_alpha": 16,
         },
         "dataset": {"persona_name": "Alex", "min_chars": 20},
         "merge": {"mode": "peft", "base_model_path": str(model)},
