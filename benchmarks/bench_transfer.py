@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import hashlib
 import json
 import os
 import platform
@@ -43,34 +42,15 @@ from typing import Any
 import asyncssh
 import psutil
 
+from mhd.hashing import sha256_file
 from mhd.remote.provider import Endpoint
 from mhd.remote.ssh import SFTP_BLOCK, UPLOAD_MAX_REQUESTS, SshSession, connect
+from tests.support.files import random_file
 from tests.support.sshd import SshServer
 from tests.support.tcpproxy import TcpProxy
 
 MiB = 1 << 20
 OUT = Path(__file__).resolve().parent / "out" / "transfer.json"
-
-
-def make_file(path: Path, size: int) -> str:
-    """Random (incompressible) bytes, written 4 MiB at a time; returns the sha256."""
-    h = hashlib.sha256()
-    with path.open("wb") as f:
-        left = size
-        while left:
-            piece = os.urandom(min(4 * MiB, left))
-            f.write(piece)
-            h.update(piece)
-            left -= len(piece)
-    return h.hexdigest()
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(4 * MiB):
-            h.update(block)
-    return h.hexdigest()
 
 
 class Bench:
@@ -140,7 +120,7 @@ class Bench:
 
     async def run_size(self, size: int) -> None:
         src = self.work / f"src-{size // MiB}M.bin"  # also plays the remote file for downloads
-        sha = make_file(src, size)
+        sha = random_file(src, size)
         remote_dst = self.work / "remote-dst.bin"
         local_dst = self.work / "local-dst.bin"
 
@@ -152,10 +132,10 @@ class Bench:
             local_dst.with_name(local_dst.name + ".part").unlink(missing_ok=True)
 
         def remote_ok() -> bool:
-            return sha256_of(remote_dst) == sha
+            return sha256_file(remote_dst) == sha
 
         def local_ok() -> bool:
-            return sha256_of(local_dst) == sha
+            return sha256_file(local_dst) == sha
 
         session = await self.session()
         try:
@@ -258,7 +238,7 @@ async def rss_child(args: argparse.Namespace) -> None:
 def measure_rss(server: SshServer, endpoint: Endpoint, work: Path, size: int) -> dict[str, Any]:
     remote = work / "rss-src.bin"
     local = work / "rss-dst.bin"
-    sha = make_file(remote, size)
+    sha = random_file(remote, size)
     try:
         out = subprocess.run(
             [

@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import hashlib
 import json
 import logging
-import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ import pytest
 
 from mhd.config import Config
 from mhd.daemon.providers import build_connector
+from mhd.hashing import sha256_file
 from mhd.remote.sshhost import SshHostProvider
 from mhd.states import fetching
 from mhd.states.context import RunContext
@@ -32,38 +31,13 @@ from mhd.states.model import Outcome, RunState
 from mhd.states.runner import Runner
 from mhd.store import Run, Store
 from mhd.views import run_dict
+from tests.support.files import random_file
 from tests.support.sshd import SshServer
 from tests.support.tcpproxy import TcpProxy
 
 pytestmark = pytest.mark.slow
 MiB = 1 << 20
 GiB = 1 << 30
-
-
-@pytest.fixture(scope="module")
-def sshd() -> Iterator[SshServer]:
-    with SshServer() as server:
-        yield server
-
-
-@pytest.fixture
-def proxy(sshd: SshServer) -> Iterator[TcpProxy]:
-    with TcpProxy(sshd.host, sshd.port) as p:
-        yield p
-
-
-def random_file(path: Path, size: int) -> str:
-    """``size`` random bytes written in 8 MiB pieces (never whole in memory); returns the sha256."""
-    h = hashlib.sha256()
-    block = 8 * MiB
-    with path.open("wb") as f:
-        left = size
-        while left:
-            data = os.urandom(min(block, left))
-            f.write(data)
-            h.update(data)
-            left -= len(data)
-    return h.hexdigest()
 
 
 @dataclass
@@ -118,14 +92,6 @@ def finished_job(tmp: Path, sshd: SshServer, proxy: TcpProxy, gguf_bytes: int, *
     run = store.update_run(run.id, state=RunState.FETCHING, pod_id=name, pod_name=name, remote_dir=str(remote),
                            pod_started_at=time.time())
     return Pod(ctx, store, run, remote, files)
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(8 * MiB):
-            h.update(block)
-    return h.hexdigest()
 
 
 class PeakRss:
@@ -184,7 +150,7 @@ def test_a_1_gib_model_fetch_cut_twice_resumes_verifies_and_keeps_memory_flat(
           f"{proxy.bytes_down / GiB:.2f} GiB down, RSS growth {growth / MiB:.1f} MiB")
     assert final.state is RunState.IDLE and final.outcome is Outcome.SUCCEEDED, final.error
     assert proxy.cuts == 2
-    assert sha256_of(pod.out / "model.gguf") == pod.files["model.gguf"]
+    assert sha256_file(pod.out / "model.gguf") == pod.files["model.gguf"]
     assert not list(pod.out.rglob("*.part"))
     assert json.loads((pod.out / "manifest.json").read_text())["export"]["file"] == "model.gguf"
     assert proxy.bytes_down < 1.3 * GiB, "each attempt resumed from the .part, none started over"
@@ -248,7 +214,7 @@ def test_not_enough_disk_keeps_the_pod_says_why_and_resumes_once_space_is_freed(
 
     assert final.state is RunState.IDLE and final.outcome is Outcome.SUCCEEDED, final.error
     assert final.error is None
-    assert sha256_of(pod.out / "model.gguf") == pod.files["model.gguf"]
+    assert sha256_file(pod.out / "model.gguf") == pod.files["model.gguf"]
     log = (pod.ctx.run_dir(pod.run) / "run.log").read_text()
     assert "not enough disk space" in log and "disk space freed" in log
     assert [e.detail.split(":")[0] for e in pod.store.events(pod.run.id, kind="disk")] == ["waiting", "resumed"]

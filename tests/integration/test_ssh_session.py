@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import hashlib
 import os
 import posixpath
 import shutil
@@ -25,6 +24,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mhd.errors import ConnectionLost, HostKeyMismatch, IntegrityError, RemoteError
+from mhd.hashing import sha256_file
 from mhd.remote.provider import Endpoint
 from mhd.remote.session import Session
 from mhd.remote.ssh import (
@@ -36,16 +36,11 @@ from mhd.remote.ssh import (
     resolve_manifest_path,
     validate_manifest_path,
 )
+from tests.support.files import random_file
 from tests.support.sshd import SshServer, free_port
 from tests.support.tcpproxy import TcpProxy
 
 MiB = 1 << 20
-
-
-@pytest.fixture(scope="module")
-def sshd() -> Iterator[SshServer]:
-    with SshServer() as server:
-        yield server
 
 
 @pytest.fixture
@@ -53,12 +48,6 @@ def own_sshd() -> Iterator[SshServer]:
     """A server a test may restart or re-key without disturbing the others."""
     with SshServer() as server:
         yield server
-
-
-@pytest.fixture
-def proxy(sshd: SshServer) -> Iterator[TcpProxy]:
-    with TcpProxy(sshd.host, sshd.port) as p:
-        yield p
 
 
 def via(proxy: TcpProxy, server: SshServer) -> Endpoint:
@@ -88,27 +77,6 @@ async def open_session(
         on_attempt=(lambda _n, exc: attempts.append(exc)) if attempts is not None else None,
     )
     return session
-
-
-def random_file(path: Path, size: int) -> str:
-    """Write ``size`` random bytes in 1 MiB pieces (never the whole file in memory); its sha256."""
-    h = hashlib.sha256()
-    with path.open("wb") as f:
-        left = size
-        while left:
-            block = os.urandom(min(MiB, left))
-            f.write(block)
-            h.update(block)
-            left -= len(block)
-    return h.hexdigest()
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(MiB):
-            h.update(block)
-    return h.hexdigest()
 
 
 def running(pid: int) -> bool:
@@ -364,7 +332,7 @@ def test_upload_verifies_sha256_remotely_and_skips_an_identical_file(sshd: SshSe
 
     first, second, remote_sha = asyncio.run(scenario())
     assert (first, second) == (True, False)
-    assert remote_sha == sha == sha256_of(remote)
+    assert remote_sha == sha == sha256_file(remote)
     assert sorted(p.name for p in remote.parent.iterdir()) == ["dataset.jsonl"], "no temp file left behind"
 
 
@@ -397,7 +365,7 @@ def test_upload_replaces_a_remote_file_with_other_content(sshd: SshServer, tmp_p
             return await s.upload(local, str(remote), sha)
 
     assert asyncio.run(scenario()) is True
-    assert sha256_of(remote) == sha
+    assert sha256_file(remote) == sha
 
 
 # ---- download -----------------------------------------------------------------------------------
@@ -430,7 +398,7 @@ def test_download_resumes_from_the_part_file_after_three_cuts(sshd: SshServer, p
 
     last_sent = asyncio.run(scenario())
     assert outcomes == ["cut", "cut", "cut", "done"]
-    assert sha256_of(local) == sha and not part.exists()
+    assert sha256_file(local) == sha and not part.exists()
     assert starts[0] == 0 and starts[1] > 0, "the first cut left a partial file"
     assert starts == sorted(starts) and len(set(starts)) == 4, f"each attempt resumed further on: {starts}"
     assert last_sent == size - starts[-1], "the last attempt only fetched the missing tail"
@@ -497,7 +465,7 @@ def test_a_corrupt_part_file_is_dropped_and_the_next_attempt_starts_over(sshd: S
 
     first, again = asyncio.run(scenario())
     assert (first, again) == (3 * MiB, 0)
-    assert sha256_of(local) == sha
+    assert sha256_file(local) == sha
 
 
 def test_download_memory_does_not_grow_with_file_size(sshd: SshServer, tmp_path: Path) -> None:
@@ -533,7 +501,7 @@ def test_download_memory_does_not_grow_with_file_size(sshd: SshServer, tmp_path:
 
     baseline = asyncio.run(scenario())
     growth = peak - baseline
-    assert sha256_of(local) == sha
+    assert sha256_file(local) == sha
     assert growth < 40 * MiB, f"RSS grew by {growth / MiB:.1f} MiB during a {size // MiB} MiB download"
 
 
@@ -708,7 +676,7 @@ def test_odd_file_names_survive_upload_hashing_and_download(sshd: SshServer, tmp
             return put, digest, got
 
     assert asyncio.run(scenario()) == (True, sha, 50_000)
-    assert sha256_of(odd) == sha
+    assert sha256_file(odd) == sha
 
 
 def test_remote_hashing_uses_python_or_coreutils_whichever_the_host_has(tmp_path: Path) -> None:

@@ -24,12 +24,6 @@ from mhd.remote.sshhost import SshHostProvider
 from tests.support.sshd import SshServer, free_port
 
 
-@pytest.fixture(scope="module")
-def sshd() -> Iterator[SshServer]:
-    with SshServer() as server:
-        yield server
-
-
 @pytest.fixture
 def cfg(sshd: SshServer, tmp_path: Path) -> SshConfig:
     return SshConfig(
