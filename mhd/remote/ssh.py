@@ -626,7 +626,7 @@ def validate_manifest_path(rel: str) -> str:
         raise IntegrityError(f"manifest file name {shown} contains control characters (NUL, newline, …)")
     if "\\" in rel:
         raise IntegrityError(f"manifest file name {shown} contains a backslash; only POSIX relative paths are allowed")
-    if rel.startswith("/"):
+    if rel.startswith(("/", "~")):
         raise IntegrityError(f"manifest file name {shown} is absolute; only paths inside the run dir are allowed")
     parts = [p for p in rel.split("/") if p not in ("", ".")]
     if ".." in parts:

@@ -23,12 +23,12 @@ import shutil
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from mhd.errors import InsufficientDisk, IntegrityError, JobFailed
-from mhd.hashing import sha256_file as sha256_path
 from mhd.remote.job import RemoteJob
+from mhd.remote.ssh import resolve_manifest_path, validate_manifest_path
 from mhd.states.context import RunContext
 from mhd.states.machine import RunMachine
 from mhd.store import Run, now
@@ -48,16 +48,6 @@ class ManifestFile:
     sha256: str
 
 
-def safe_relpath(rel: object) -> str:
-    """A manifest path must stay inside the run folder: relative, no `..`, no oddities."""
-    if not isinstance(rel, str) or not rel or "\\" in rel or "\x00" in rel:
-        raise IntegrityError(f"manifest path {rel!r} is not a plain relative path")
-    p = PurePosixPath(rel)
-    if p.is_absolute() or any(part in ("..", "") for part in p.parts) or rel.startswith("~"):
-        raise IntegrityError(f"manifest path {rel!r} escapes the run folder; refusing it")
-    return str(p)
-
-
 def parse_manifest(data: dict[str, Any]) -> list[ManifestFile]:
     files = data.get("files")
     if not isinstance(files, list) or not files:
@@ -67,8 +57,8 @@ def parse_manifest(data: dict[str, Any]) -> list[ManifestFile]:
         if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
             raise IntegrityError(f"manifest entry {entry!r} lacks a sha256")
         size = entry.get("size")
-        out.append(ManifestFile(safe_relpath(entry.get("path")), size if isinstance(size, int) else None,
-                                str(entry["sha256"]).lower()))
+        path = validate_manifest_path(str(entry.get("path") or ""))
+        out.append(ManifestFile(path, size if isinstance(size, int) else None, str(entry["sha256"]).lower()))
     return out
 
 
@@ -203,9 +193,6 @@ async def _download(ctx: RunContext, run: Run, out: Path) -> list[ManifestFile]:
     tmp = out / "manifest.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=2))
     os.replace(tmp, out / "manifest.json")
-    for f in files:
-        if f.path.endswith("adapter_model.safetensors") and sha256_path(out / f.path) != f.sha256:
-            raise IntegrityError(f"{f.path}: sha256 changed after download")
     ctx.append_log(run, f"fetched {len(files)} file(s), {total} bytes this attempt")
     plan.unlink(missing_ok=True)
     return files
@@ -217,8 +204,10 @@ async def _fetch_files(ctx: RunContext, run: Run, job: RemoteJob, out: Path, fil
     try:
         async with _heartbeats(ctx, job):
             for f in files:
+                # No symlink on the pod may point a manifest entry outside its run folder.
+                remote = await resolve_manifest_path(job.session, job.run_dir, f.path)
                 # Each file was verified against the manifest's sha256 before it is moved into place.
-                got = await job.session.download(job.path(f.path), out / f.path, f.sha256, f.size)
+                got = await job.session.download(remote, out / f.path, f.sha256, f.size)
                 total += got
                 ctx.append_log(run, f"downloaded {f.path}: {got} bytes")
                 ctx.check(run.id)

@@ -56,6 +56,9 @@ def main() -> int:
     size = int(cfg.get("fake_adapter_bytes", 262144))
     (ad / "adapter_model.safetensors").write_bytes((rng * (size // len(rng) + 1))[:size])
     (ad / "adapter_config.json").write_text(json.dumps({"r": 8, "lora_alpha": 16, "peft_type": "LORA"}))
+    escape = cfg.get("fake_symlink_escape")
+    if escape:  # a hostile or broken pod: a manifest entry that is a symlink out of the run dir
+        (ad / "escape").symlink_to(escape)
     files = [{"path": f"adapter/{p.name}", "size": p.stat().st_size, "sha256": sha(p)} for p in sorted(ad.iterdir())]
     tmp = d / "manifest.json.tmp"
     tmp.write_text(json.dumps({"files": files, "base_model": cfg.get("base_model"), "final_loss": 3.0 / steps,
