@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +50,6 @@ class RunContext:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     session: Session | None = None
     on_trained: Callable[[Iterable[str]], None] = lambda keys: None
-    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
     pauses: dict[str, float] = field(default_factory=_debug_pauses)
 
     async def fault_point(self, name: str) -> None:
@@ -106,7 +106,5 @@ class RunContext:
     def append_log(self, run: Run, line: str) -> None:
         path = self.run_dir(run) / "run.log"
         path.parent.mkdir(parents=True, exist_ok=True)
-        import time
-
         with path.open("a", encoding="utf-8") as f:
             f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {line}\n")

@@ -17,6 +17,7 @@ from mhd.errors import (
     BudgetExceeded,
     Cancelled,
     ConnectionLost,
+    MhdError,
     NoSamples,
     TransientProviderError,
     is_transient,
@@ -103,7 +104,7 @@ class Runner:
                 return
             await self._sleep_backoff(run, state, attempts, exc)
         else:
-            if not isinstance(exc, ctx_known_errors()):
+            if not isinstance(exc, MhdError):
                 ctx.log.error("run %s: unexpected error in %s:\n%s", run.id, state.value,
                               "".join(traceback.format_exception(exc)))
             self._abort(m, Outcome.FAILED, f"{state.value}: {exc}")
@@ -132,12 +133,6 @@ class Runner:
         self.ctx.log.error("run %s: aborting (%s): %s", m.run.id, outcome.value, message)
         self.ctx.append_log(m.run, f"aborting ({outcome.value}): {message}")
         m.fire("abort", reason=message, abort_outcome=outcome, error=message)
-
-
-def ctx_known_errors() -> tuple[type[BaseException], ...]:
-    from mhd.errors import MhdError
-
-    return (MhdError,)
 
 
 def _last_reason(ctx: RunContext, run_id: str) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shlex
 
 from mhd.errors import RemoteError
-from mhd.hashing import sha256_file as sha256_path
+from mhd.hashing import sha256_file
 from mhd.states.context import RunContext
 from mhd.states.machine import RunMachine
 from mhd.states.provisioning import input_files
@@ -24,7 +24,7 @@ async def act(ctx: RunContext, m: RunMachine) -> None:
         if path.name == "job.env":
             await session.write_file(target, path.read_bytes(), mode=0o600)
             continue
-        if await session.upload(path, target, sha256_path(path)):
+        if await session.upload(path, target, sha256_file(path)):
             sent += 1
         else:
             skipped += 1
