@@ -181,6 +181,9 @@ class RetryConfig(_Section):
     max_job_launches: int = Field(3, ge=1)
     # How long Aborting keeps trying to terminate before handing the pod to the reaper.
     abort_deadline_s: float = Field(600.0, gt=0)
+    # After a run that did not succeed, how long the threshold trigger waits before another try
+    # (`mhd train` and the schedule are not held).
+    failed_run_cooldown_s: float = Field(3600.0, ge=0)
 
 
 class Config(_Section):

@@ -25,8 +25,9 @@ from mhd.daemon.triggers import Triggers
 from mhd.daemon.watcher import MemoryIndex, Watcher
 from mhd.remote.provider import Provider, pod_name
 from mhd.states.context import RunContext
+from mhd.states.model import Outcome
 from mhd.states.runner import Runner
-from mhd.store import Store, StoreError
+from mhd.store import Run, Store, StoreError
 from mhd.views import status_snapshot
 
 log = logging.getLogger("mhd")
@@ -143,6 +144,7 @@ class Daemon:
             await control.start()
             stack.push_async_callback(control.stop)
 
+            self._hold_after(self.store.last_run())
             self.triggers.start_scheduler()
             stack.callback(self.triggers.stop)
             await self._start_web(stack)
@@ -182,6 +184,7 @@ class Daemon:
                     try:
                         final = self.current.result()
                         log.info("run %s finished: %s", final.id, final.outcome.value if final.outcome else "?")
+                        self._hold_after(final)
                     except Exception:
                         log.exception("run %s: runner crashed; retrying in 5 s", run.id)
                         await asyncio.wait({stop}, timeout=5)
@@ -195,6 +198,16 @@ class Daemon:
                     await self.current
             if self.ctx is not None:
                 await self.ctx.drop_session()
+
+    def _hold_after(self, run: Run | None) -> None:
+        if run is None or run.finished_at is None or run.outcome is Outcome.SUCCEEDED:
+            return
+        until = run.finished_at + self.cfg.retry.failed_run_cooldown_s
+        if until > time.time():
+            self.triggers.hold_until = until
+            outcome = run.outcome.value if run.outcome else "?"
+            log.info("last run %s ended %s: the threshold trigger waits until %s (`mhd train` does not)",
+                     run.id, outcome, time.strftime("%H:%M:%S", time.localtime(until)))
 
     async def _start_web(self, stack: AsyncExitStack) -> None:
         if not self.cfg.web.enabled:

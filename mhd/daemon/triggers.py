@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from datetime import datetime
 
@@ -24,6 +25,9 @@ class Triggers:
         self.start = start
         self._timer: asyncio.TimerHandle | None = None
         self.scheduler: AsyncIOScheduler | None = None
+        # After a run that did not succeed, the threshold waits until then: a lasting fault
+        # (bad config, no capacity, no usable data) must not rent pod after pod in a loop.
+        self.hold_until = 0.0
 
     def changed(self) -> None:
         """Memories changed: (re)arm the debounce timer while the threshold is met."""
@@ -32,10 +36,14 @@ class Triggers:
         if self._timer is not None:
             self._timer.cancel()
         # Debounced: a burst of files (a sync, a bulk import) starts one run, after it settles.
-        self._timer = asyncio.get_running_loop().call_later(self.debounce_s, self._fire_threshold)
+        delay = max(self.debounce_s, self.hold_until - time.time())
+        self._timer = asyncio.get_running_loop().call_later(delay, self._fire_threshold)
 
     def _fire_threshold(self) -> None:
         self._timer = None
+        if time.time() < self.hold_until:
+            self.changed()
+            return
         if not self.busy() and self.pending() >= self.threshold:
             log.info("threshold met: %d pending ≥ %d", self.pending(), self.threshold)
             self.start("threshold")

@@ -127,3 +127,17 @@ def test_trainer_failure_aborts_with_the_reason(denv):
     assert "exited with 2" in last["error"]
     pod = json.loads((denv.pods / "pods" / f"mhd-{run_id}.json").read_text())
     assert pod["status"] == "TERMINATED"
+
+
+def test_manifest_entry_symlinked_out_of_the_run_dir_is_refused(denv, tmp_path):
+    secret = tmp_path / "outside-secret.txt"
+    secret.write_text("not for the daemon to fetch")
+    denv.configure(training={"extra": {"fake_steps": 2, "fake_step_s": 0.05, "fake_symlink_escape": str(secret)}})
+    write_memories(denv.memories, 6)
+    d = denv.daemon().start()
+    run_id = d.ask("train")["run_id"]
+    d.wait_for(lambda: d.status()["state"] == "Idle" and d.status()["last_run"], 60, "run end")
+    last = d.status()["last_run"]
+    assert last["id"] == run_id and last["outcome"] == "failed"
+    assert "resolves outside the run dir" in last["error"]
+    assert not (denv.state / "runs" / run_id / "output" / "adapter" / "escape").exists()

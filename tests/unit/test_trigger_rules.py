@@ -58,3 +58,21 @@ def test_schedule_registers_a_next_fire_time_and_skips_without_pending():
     nxt, started = asyncio.run(go())
     assert nxt is not None
     assert started == ["schedule"]
+
+
+def test_threshold_waits_out_the_hold_after_a_failed_run():
+    import time
+
+    async def go() -> tuple[list[str], list[str]]:
+        pending, busy, started = [5], [False], []
+        t = make(pending, busy, started)
+        t.hold_until = time.time() + 0.6
+        t.changed()
+        await asyncio.sleep(0.4)  # past the debounce, still inside the hold
+        during = list(started)
+        await asyncio.sleep(0.6)
+        return during, started
+
+    during, after = asyncio.run(go())
+    assert during == []
+    assert after == ["threshold"]
