@@ -30,7 +30,7 @@ from watchdog.events import (
 from watchdog.observers import Observer
 
 from mhd.config import DatasetConfig
-from mhd.dataset.memories import Memory, NotReady, iter_memory_files, iter_memory_stats, read_memory
+from mhd.dataset.memories import NotReady, iter_memory_files, iter_memory_stats, memory_key_at
 from mhd.store import Store
 
 log = logging.getLogger(__name__)
@@ -71,18 +71,20 @@ def scan(root: Path, cache: dict[str, FileInfo], cfg: DatasetConfig) -> ScanResu
     dirty: dict[str, FileInfo] = {}
     not_ready: set[str] = set()
     parsed = cached = 0
-    for p, st in iter_memory_stats(root):
+    root_s = os.fspath(root)
+    for p, st, linked in iter_memory_stats(root):
         hit = cache.get(p)
         if hit is not None and hit[0] == st.st_mtime_ns and hit[1] == st.st_size:
             files[p] = hit
             cached += 1
             continue
         parsed += 1
-        result = read_memory(Path(p), root, max_bytes=cfg.max_file_bytes, not_ready_grace_s=cfg.not_ready_grace_s)
-        if isinstance(result, NotReady):
+        key = memory_key_at(p, root_s, inside=not linked, max_bytes=cfg.max_file_bytes,
+                            not_ready_grace_s=cfg.not_ready_grace_s)
+        if isinstance(key, NotReady):
             not_ready.add(p)
             continue
-        info = (st.st_mtime_ns, st.st_size, result.key if isinstance(result, Memory) else None)
+        info = (st.st_mtime_ns, st.st_size, key)
         files[p] = info
         dirty[p] = info
     removed = [p for p in cache if p not in files]
@@ -142,18 +144,16 @@ class MemoryIndex:
         """Re-read one path after an event; returns True if it is still not ready (retry later)."""
         self._drop(path)
         self.not_ready.discard(path)
-        p = Path(path)
         try:
-            st = p.stat()
+            st = os.stat(path)
         except OSError:
             self._removed.add(path)
             return False
-        result = read_memory(p, self.root, max_bytes=self.cfg.max_file_bytes,
-                             not_ready_grace_s=self.cfg.not_ready_grace_s)
-        if isinstance(result, NotReady):
+        key = memory_key_at(path, os.fspath(self.root), max_bytes=self.cfg.max_file_bytes,
+                            not_ready_grace_s=self.cfg.not_ready_grace_s)
+        if isinstance(key, NotReady):
             self.not_ready.add(path)
             return True
-        key = result.key if isinstance(result, Memory) else None
         self._add(path, _digest(key))
         self._dirty[path] = (st.st_mtime_ns, st.st_size, key)
         self._removed.discard(path)

@@ -14,6 +14,7 @@ Reject reasons: ``bad_json``, ``not_object``, ``wrong_type``, ``empty_content``,
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import json
@@ -88,24 +89,26 @@ def iter_memory_files(root: Path) -> Iterator[Path]:
     once (a loop is cut by remembering visited inodes); whether their files lie inside
     ``root`` is ``read_memory``'s question.
     """
-    for path, _entry in _walk(os.fspath(root), set()):
+    for path, _entry, _linked in _walk(os.fspath(root), set(), False):
         yield Path(path)
 
 
-def iter_memory_stats(root: Path) -> Iterator[tuple[str, os.stat_result]]:
-    """Like ``iter_memory_files`` but yields (path, stat) from the directory scan itself.
+def iter_memory_stats(root: Path) -> Iterator[tuple[str, os.stat_result, bool]]:
+    """Like ``iter_memory_files`` but yields (path, stat, linked) from the directory scan itself.
 
-    The daemon's warm rescan of 100k files only needs this: plain strings and ``DirEntry.stat``
-    instead of a Path and a second lookup per file.
+    The daemon's rescan of 100k files needs only this: plain strings and ``DirEntry.stat``
+    instead of a Path and a second lookup per file. ``linked`` is False when neither the file
+    nor any folder between it and ``root`` is a symlink, so that it cannot lie outside ``root``
+    (``memory_key_at`` then skips resolving it).
     """
-    for path, entry in _walk(os.fspath(root), set()):
+    for path, entry, linked in _walk(os.fspath(root), set(), False):
         try:
-            yield path, entry.stat()
+            yield path, entry.stat(), linked
         except OSError:
             continue
 
 
-def _walk(folder: str, seen: set[tuple[int, int]]) -> Iterator[tuple[str, os.DirEntry[str]]]:
+def _walk(folder: str, seen: set[tuple[int, int]], linked: bool) -> Iterator[tuple[str, os.DirEntry[str], bool]]:
     try:
         st = os.stat(folder)
         ident = (st.st_dev, st.st_ino)
@@ -119,13 +122,15 @@ def _walk(folder: str, seen: set[tuple[int, int]]) -> Iterator[tuple[str, os.Dir
     for name, entry in entries:
         try:
             is_dir = entry.is_dir()  # follows symlinks
+            # From the directory entry's type: no system call.
+            is_link = linked or entry.is_symlink()
         except OSError:
             continue
         if is_dir:
             if not name.startswith("."):
-                yield from _walk(entry.path, seen)
+                yield from _walk(entry.path, seen, is_link)
         elif is_memory_name(name):
-            yield entry.path, entry
+            yield entry.path, entry, is_link
 
 
 # --- reading one file ---------------------------------------------------------------------
@@ -142,44 +147,80 @@ def read_memory(
     """Parse and validate one memory file. Never raises."""
     path = Path(path)
     try:
-        return _read(path, Path(root), max_bytes, not_ready_grace_s, time.time() if now is None else now)
+        obj = _load(os.fspath(path), os.fspath(root), max_bytes, not_ready_grace_s, now, inside=False)
+        if isinstance(obj, _Pending):
+            return NotReady(path, obj.detail)
+        return Memory(path=path, **_fields(obj))
     except _Invalid as exc:
         return Reject(path, exc.reason, exc.detail)
     except Exception as exc:  # the daemon must survive any file; say what happened instead
         return Reject(path, "internal", f"{type(exc).__name__}: {exc}"[:300])
 
 
-def _read(path: Path, root: Path, max_bytes: int, grace_s: float, now: float) -> Memory | NotReady:
-    real = _resolve_inside(path, root)
-    if path.name.endswith(ENCRYPTED_SUFFIX):
+def memory_key_at(
+    path: str,
+    root: str,
+    *,
+    inside: bool = False,
+    max_bytes: int = 1_000_000,
+    not_ready_grace_s: float = 10.0,
+) -> str | NotReady | None:
+    """Just the content key of ``read_memory(path, root)``: None for a Reject. Never raises.
+
+    The daemon's rescan calls this for every file, so it avoids what ``read_memory`` spends on
+    pathlib and on building the Memory. ``inside=True`` (from ``iter_memory_stats``: no symlink
+    on the way from ``root``) skips resolving the path; the file is then opened with
+    O_NOFOLLOW, so one swapped for a symlink since the walk is resolved and checked after all.
+    """
+    try:
+        obj = _load(path, root, max_bytes, not_ready_grace_s, None, inside=inside)
+        if isinstance(obj, _Pending):
+            return NotReady(Path(path), obj.detail)
+        return str(_fields(obj)["key"])
+    except Exception:  # _Invalid, or anything a hostile file provokes: not a usable memory
+        return None
+
+
+@dataclass(frozen=True)
+class _Pending:
+    detail: str
+
+
+def _load(path: str, root: str, max_bytes: int, grace_s: float, now: float | None, *, inside: bool) -> Any:
+    """The file's decoded JSON, or ``_Pending`` if it may still be being written."""
+    if path.endswith(ENCRYPTED_SUFFIX):
+        _resolve_inside(path, root)  # a vanished or escaping file says so first
         raise _Invalid("encrypted", "file: encrypted profile (.json.enc); cannot be read without the key")
-    raw, mtime = _read_bytes(real, max_bytes)
+    got = _read_bytes(path, max_bytes, nofollow=True) if inside else None
+    if got is None:  # not known to be inside, or it became a symlink since the walk
+        got = _read_bytes(_resolve_inside(path, root), max_bytes, nofollow=False)
+        assert got is not None
+    raw, mtime = got
     # Both directions: a small clock skew (network filesystems) must not turn a file being
     # written into a reject, and a far-future mtime must not make a broken file wait forever.
-    recent = abs(now - mtime) < grace_s
+    recent = abs((time.time() if now is None else now) - mtime) < grace_s
     try:
-        obj = _decode(raw)
+        return _decode(raw)
     except _Invalid as exc:
         # A half-written file fails exactly like this; give the writer time to finish.
         if recent and exc.reason in ("bad_json", "binary"):
-            return NotReady(path, exc.detail)
+            return _Pending(exc.detail)
         raise
-    return _to_memory(path, obj)
 
 
-def _resolve_inside(path: Path, root: Path) -> Path:
+def _resolve_inside(path: str, root: str) -> str:
     """The file's real path, after checking that it (and any linked folder) stays in ``root``."""
     try:
-        path.lstat()
+        os.lstat(path)
         real = os.path.realpath(path, strict=True)
     except FileNotFoundError:
         raise _Invalid("vanished", "file: disappeared (or is a dangling symlink)") from None
     except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop
         raise _Invalid("unreadable", f"file: cannot resolve ({exc})") from None
-    real_root = _real_root(os.fspath(root))
+    real_root = _real_root(root)
     if real != real_root and not real.startswith(real_root.rstrip(os.sep) + os.sep):
         raise _Invalid("symlink_outside", f"file: resolves outside memory_dir, to {real}")
-    return Path(real)
+    return real
 
 
 @functools.lru_cache(maxsize=16)
@@ -192,24 +233,46 @@ def _real_root(root: str) -> str:
         return os.path.abspath(root)
 
 
-def _read_bytes(path: Path, max_bytes: int) -> tuple[bytes, float]:
+# O_NONBLOCK: a FIFO named like a memory must not hang the daemon in open(); regular files
+# ignore it.
+_OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK
+
+
+def _read_bytes(path: str, max_bytes: int, *, nofollow: bool) -> tuple[bytes, float] | None:
+    """(bytes, mtime); None only with ``nofollow`` when ``path`` is a symlink."""
     try:
-        with path.open("rb") as fh:
-            st = os.fstat(fh.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                raise _Invalid("not_file", "file: not a regular file")
-            if st.st_size > max_bytes:
-                raise _Invalid("too_large", f"file: {st.st_size} bytes, over max_file_bytes={max_bytes}")
-            raw = fh.read(max_bytes + 1)
+        fd = os.open(path, _OPEN_FLAGS | (os.O_NOFOLLOW if nofollow else 0))
     except FileNotFoundError:
         raise _Invalid("vanished", "file: disappeared while being read") from None
-    except IsADirectoryError:
-        raise _Invalid("not_file", "file: is a directory") from None
+    except OSError as exc:
+        if nofollow and exc.errno == errno.ELOOP:
+            return None
+        raise _Invalid("unreadable", f"file: {exc.strerror or exc}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = "is a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+            raise _Invalid("not_file", f"file: {kind}")
+        if st.st_size > max_bytes:
+            raise _Invalid("too_large", f"file: {st.st_size} bytes, over max_file_bytes={max_bytes}")
+        # Ask for one byte past the size seen: a single read() at EOF, and growth is noticed.
+        chunks = []
+        total = 0
+        want = st.st_size + 1
+        while total <= max_bytes:
+            chunk = os.read(fd, min(want, max_bytes + 1 - total))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+            want = 1 << 16
     except OSError as exc:
         raise _Invalid("unreadable", f"file: {exc.strerror or exc}") from None
-    if len(raw) > max_bytes:  # grew after the size check
+    finally:
+        os.close(fd)
+    if total > max_bytes:  # grew after the size check
         raise _Invalid("too_large", f"file: over max_file_bytes={max_bytes}")
-    return raw, st.st_mtime
+    return (chunks[0] if len(chunks) == 1 else b"".join(chunks)), st.st_mtime
 
 
 def _decode(raw: bytes) -> Any:
@@ -232,7 +295,8 @@ def _decode(raw: bytes) -> Any:
 # --- validating fields --------------------------------------------------------------------
 
 
-def _to_memory(path: Path, obj: Any) -> Memory:
+def _fields(obj: Any) -> dict[str, Any]:
+    """Memory's fields but its path, from a decoded file; raises _Invalid."""
     if not isinstance(obj, dict):
         raise _Invalid("not_object", f"file: top-level JSON is {_kind(obj)}, expected an object")
     mtype = _opt_str(obj, "type") or DEFAULT_TYPE
@@ -250,8 +314,7 @@ def _to_memory(path: Path, obj: Any) -> Memory:
     elif not isinstance(metadata, dict):
         raise _Invalid("wrong_type", f"metadata: expected object, got {_kind(metadata)}")
     _check_consent(metadata)
-    return Memory(
-        path=path,
+    return dict(
         id=_opt_str(obj, "id"),
         timestamp=_timestamp(obj.get("timestamp")),
         type=mtype,

@@ -18,6 +18,8 @@ from mhd.dataset.memories import (
     NotReady,
     Reject,
     iter_memory_files,
+    iter_memory_stats,
+    memory_key_at,
     read_memory,
 )
 from tests.support.memories import OLD, file_name, memory, one_of_each_reject, write
@@ -270,3 +272,54 @@ def test_arbitrary_json_never_raises(root: Path, obj: object, surrogate: bool) -
     assert isinstance(result, Memory | Reject)
     if isinstance(result, Reject):
         assert result.reason != "internal", result
+
+
+# --- memory_key_at: the daemon's rescan path must agree with read_memory -------------------
+
+
+def _key_of(result: Memory | Reject | NotReady) -> str | type[NotReady] | None:
+    return result.key if isinstance(result, Memory) else NotReady if isinstance(result, NotReady) else None
+
+
+def test_memory_key_at_agrees_with_read_memory_on_every_file_the_walk_finds(root: Path, tmp_path: Path) -> None:
+    one_of_each_reject(root, tmp_path / "outside")
+    write(root, "2026/03/02/ok.json", memory("A memory the rescan must count, like the builder."))
+    write(root, "2026/03/02/conv.json", memory("User: hi\n\nAssistant: hello", type="conversation",
+                                               response="hello"))
+    (root / "linked").symlink_to(tmp_path / "outside")  # a folder leading outside
+    write(root, "2026/03/02/recent.json", text='{"content": "half')  # NotReady: written just now
+
+    seen = {}
+    for path, _st, linked in iter_memory_stats(root):
+        fast = memory_key_at(path, str(root), inside=not linked, max_bytes=MAX)
+        seen[path] = linked
+        expected = _key_of(read(Path(path), root))
+        assert (NotReady if isinstance(fast, NotReady) else fast) == expected, path
+    assert seen[str(root / "2026/03/01/link-out.json")] is True
+    assert seen[str(root / "linked/elsewhere.json")] is True
+    assert seen[str(root / "2026/03/02/ok.json")] is False
+    assert sum(1 for p in seen if memory_key_at(p, str(root), inside=not seen[p], max_bytes=MAX)) == 2
+
+
+def test_memory_key_at_resolves_a_file_swapped_for_a_symlink_after_the_walk(root: Path, tmp_path: Path) -> None:
+    target = write(tmp_path / "outside", "secret.json", memory("Must never be counted from outside."))
+    path = write(root, "2026/a.json", memory("An ordinary memory."))
+    [(walked, _st, linked)] = list(iter_memory_stats(root))
+    assert not linked
+    path.unlink()
+    path.symlink_to(target)  # the race: replaced between the walk and the read
+
+    assert memory_key_at(walked, str(root), inside=True, max_bytes=MAX) is None
+    r = read(path, root)
+    assert isinstance(r, Reject) and r.reason == "symlink_outside"
+
+
+def test_a_fifo_named_like_a_memory_is_rejected_without_blocking(root: Path) -> None:
+    fifo = root / "2026" / "pipe.json"
+    fifo.parent.mkdir(parents=True)
+    os.mkfifo(fifo)  # nobody writes: a blocking open() would hang here forever
+
+    r = read(fifo, root)
+    assert isinstance(r, Reject) and r.reason == "not_file"
+    assert memory_key_at(str(fifo), str(root), inside=True, max_bytes=MAX) is None
+
