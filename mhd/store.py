@@ -30,9 +30,10 @@ from sqlalchemy import (
     event,
     func,
     select,
+    text,
     update,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from mhd.errors import MhdError
@@ -152,7 +153,10 @@ class MemoryFile(Base):
     path: Mapped[str] = mapped_column(Text, primary_key=True)
     mtime_ns: Mapped[int] = mapped_column(Integer)
     size: Mapped[int] = mapped_column(Integer)
-    key: Mapped[str | None] = mapped_column(String(64))
+    key: Mapped[str | None] = mapped_column(String(64), index=True)
+
+
+_FILES = Table("memory_files", Base.metadata)  # the Table itself (typed), for bulk Core statements
 
 
 class ProgressPoint(Base):
@@ -261,6 +265,9 @@ class Store:
 
     def _init_schema(self) -> None:
         Base.metadata.create_all(self.engine)
+        with self.engine.begin() as conn:
+            # create_all adds indexes only with new tables; this one came after the table.
+            conn.execute(text("CREATE INDEX IF NOT EXISTS ix_memory_files_key ON memory_files (key)"))
         with self.session() as s:
             row = s.get(Meta, "schema_version")
             if row is None:
@@ -422,28 +429,79 @@ class Store:
 
     def save_file_cache(self, upserts: dict[str, tuple[int, int, str | None]], deletes: Iterable[str]) -> None:
         """Bulk upsert/delete (one statement per chunk, not one SELECT per row)."""
-        table = Table("memory_files", Base.metadata)  # the Table itself (typed), not the ORM class
-        rows = [{"path": p, "mtime_ns": m, "size": z, "key": k} for p, (m, z, k) in upserts.items()]
         gone = list(deletes)
         with self.engine.begin() as conn:
             for i in range(0, len(gone), 500):
-                conn.execute(table.delete().where(table.c.path.in_(gone[i:i + 500])))
-            if not rows:
-                return
-            if self.engine.dialect.name == "sqlite":
-                from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+                conn.execute(_FILES.delete().where(_FILES.c.path.in_(gone[i:i + 500])))
+            self._upsert_files(conn, upserts)
 
-                stmt = sqlite_insert(table)
-                stmt = stmt.on_conflict_do_update(
-                    index_elements=[table.c.path],
-                    set_={"mtime_ns": stmt.excluded.mtime_ns, "size": stmt.excluded.size, "key": stmt.excluded.key})
-                for i in range(0, len(rows), 5000):
-                    conn.execute(stmt, rows[i:i + 5000])
+    def _upsert_files(self, conn: Connection, upserts: dict[str, tuple[int, int, str | None]]) -> None:
+        rows = [{"path": p, "mtime_ns": m, "size": z, "key": k} for p, (m, z, k) in upserts.items()]
+        if not rows:
+            return
+        if self.engine.dialect.name == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+            stmt = sqlite_insert(_FILES)
+            stmt = stmt.on_conflict_do_update(
+                index_elements=[_FILES.c.path],
+                set_={"mtime_ns": stmt.excluded.mtime_ns, "size": stmt.excluded.size, "key": stmt.excluded.key})
+            for i in range(0, len(rows), 5000):
+                conn.execute(stmt, rows[i:i + 5000])
+        else:
+            conn.execute(_FILES.delete().where(_FILES.c.path.in_([r["path"] for r in rows])))
+            conn.execute(_FILES.insert(), rows)
+
+    def pending_count(self) -> int:
+        """Distinct usable memories on disk (by key) that no run has trained on yet."""
+        q = text(
+            "SELECT COUNT(DISTINCT f.key) FROM memory_files AS f WHERE f.key IS NOT NULL AND NOT EXISTS "
+            "(SELECT 1 FROM memories AS m WHERE m.key = f.key AND m.trained_run_id IS NOT NULL)"
+        )
+        with self.engine.connect() as conn:
+            return int(conn.execute(q).scalar_one())
+
+    def change_memory_file(self, path: str, info: tuple[int, int, str | None] | None) -> int:
+        """Record one file's new (mtime, size, key), or its removal (None).
+
+        Returns the change in ``pending_count()`` (-1, 0 or +1) so that the daemon can keep
+        the count without holding every path and key in memory.
+        """
+        new_key = info[2] if info else None
+        with self.engine.begin() as conn:
+            old_key = conn.execute(select(_FILES.c.key).where(_FILES.c.path == path)).scalar()
+            if info is None:
+                conn.execute(_FILES.delete().where(_FILES.c.path == path))
             else:
-                conn.execute(table.delete().where(table.c.path.in_([r["path"] for r in rows])))
-                conn.execute(table.insert(), rows)
+                self._upsert_files(conn, {path: info})
+            if old_key == new_key:
+                return 0
+            delta = 0
+            if old_key and self._untrained_refs(conn, old_key, 0):
+                delta -= 1
+            if new_key and self._untrained_refs(conn, new_key, 1):
+                delta += 1
+            return delta
 
-    # Pods ------------------------------------------------------------------------------------
+    @staticmethod
+    def _untrained_refs(conn: Connection, key: str, refs: int) -> bool:
+        """True if ``key`` is on exactly ``refs`` files and untrained (0: no longer pending; 1: newly)."""
+        n = conn.execute(select(func.count()).select_from(_FILES).where(_FILES.c.key == key)).scalar_one()
+        if n != refs:
+            return False
+        trained = conn.execute(select(MemoryEntry.key).where(
+            MemoryEntry.key == key, MemoryEntry.trained_run_id.is_not(None))).first()
+        return trained is None
+
+    def drop_memory_files_under(self, folder: str) -> int:
+        """Forget every file below ``folder`` (a folder moved away or deleted); returns how many."""
+        prefix = folder.rstrip("/") + "/"
+        # A range, not LIKE: paths may hold % and _.
+        upper = prefix[:-1] + chr(ord("/") + 1)
+        with self.engine.begin() as conn:
+            res = conn.execute(_FILES.delete().where(_FILES.c.path >= prefix, _FILES.c.path < upper))
+            return int(res.rowcount or 0)
+
     def record_pod(self, pod_id: str, run_id: str | None, provider: str, name: str) -> None:
         with self.session() as s:
             if s.get(PodRecord, pod_id) is None:

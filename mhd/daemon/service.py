@@ -149,8 +149,7 @@ class Daemon:
             stack.callback(self.triggers.stop)
             await self._start_web(stack)
 
-            tasks = [asyncio.create_task(self._reaper(), name="reaper"),
-                     asyncio.create_task(self._flush_cache(), name="cache-flush")]
+            tasks = [asyncio.create_task(self._reaper(), name="reaper")]
             if (interval := watchdog_interval()) is not None:
                 tasks.append(asyncio.create_task(self._watchdog(interval), name="watchdog"))
             stack.push_async_callback(_cancel_all, tasks)
@@ -242,11 +241,6 @@ class Daemon:
             except Exception:  # the reaper must outlive provider hiccups
                 log.exception("reaper failed; will try again")
             await asyncio.sleep(self.cfg.runpod.reap_interval_s)
-
-    async def _flush_cache(self) -> None:
-        while True:
-            await asyncio.sleep(5)
-            await asyncio.to_thread(self.index.flush)
 
     async def _watchdog(self, interval: float) -> None:
         while True:

@@ -1,16 +1,17 @@
 """Which memories are new: a path → content-key index fed by a startup rescan and watchdog events.
 
 Memories are counted by content key (``mhd.dataset.memories.Memory.key``), so a rewrite or a
-rename of the same memory never counts twice. The index caches (mtime, size, key) per path in
-the DB so a warm rescan only stats files. Half-written files (``NotReady``) are re-read later.
+rename of the same memory never counts twice. The DB keeps (mtime, size, key) per path, so a
+warm rescan only stats files. Half-written files (``NotReady``) are re-read later.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import gc
 import logging
 import os
-from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,11 +45,6 @@ FileInfo = tuple[int, int, str | None]  # mtime_ns, size, key (None: not a usabl
 # watchdog re-adds every watch (walking the tree again) and the daemon spins forever.
 EVENTS = [FileCreatedEvent, FileModifiedEvent, FileClosedEvent, FileMovedEvent, FileDeletedEvent,
           DirCreatedEvent, DirMovedEvent, DirDeletedEvent]
-
-
-def _digest(key: str | None) -> bytes | None:
-    # 32 raw bytes instead of a 64-char str: the index holds one per memory file.
-    return bytes.fromhex(key) if key else None
 
 
 def is_memory_path(path: str) -> bool:
@@ -91,97 +87,88 @@ def scan(root: Path, cache: dict[str, FileInfo], cfg: DatasetConfig) -> ScanResu
     return ScanResult(files, not_ready, parsed, cached, dirty, removed)
 
 
+@dataclass(frozen=True)
+class RescanSummary:
+    files: int
+    parsed: int
+    cached: int
+    not_ready: frozenset[str]
+    pending: int
+
+
 class MemoryIndex:
-    """Counts pending (untrained) memories; owned by the event loop thread."""
+    """Counts pending (untrained) memories; owned by the event loop thread.
+
+    The path → key map lives in the DB (``memory_files``), not here: with 100k files in
+    memory it cost the idle daemon ~60 MiB. The daemon holds only the count, kept up to date
+    from each change's effect, and the few paths that are not ready yet.
+    """
 
     def __init__(self, root: Path, store: Store, cfg: DatasetConfig) -> None:
         self.root = root
         self.store = store
         self.cfg = cfg
-        self.files: dict[str, bytes | None] = {}
-        self.refs: Counter[bytes] = Counter()
-        self.trained: set[bytes] = set()
-        self.pending_keys: set[bytes] = set()
+        self.pending = 0
         self.not_ready: set[str] = set()
-        self._dirty: dict[str, FileInfo] = {}
-        self._removed: set[str] = set()
 
-    @property
-    def pending(self) -> int:
-        return len(self.pending_keys)
-
-    def rescan_blocking(self) -> ScanResult:
+    def rescan_blocking(self) -> RescanSummary:
         """Thread-safe part of the startup rescan (reads files and the DB, touches no state)."""
-        cache = self.store.file_cache()
-        result = scan(self.root, cache, self.cfg)
-        del cache
+        result = scan(self.root, self.store.file_cache(), self.cfg)
         self.store.save_file_cache(result.dirty, result.removed)
-        return result
+        summary = RescanSummary(len(result.files), result.parsed, result.cached, frozenset(result.not_ready),
+                                self.store.pending_count())
+        del result
+        release_heap()
+        return summary
 
-    def install(self, result: ScanResult) -> None:
-        self.trained = {d for d in map(_digest, self.store.trained_keys()) if d}
-        self.files = {p: _digest(info[2]) for p, info in result.files.items()}
-        self.refs = Counter(k for k in self.files.values() if k)
-        self.pending_keys = {k for k in self.refs if k not in self.trained}
-        self.not_ready = set(result.not_ready)
+    def install(self, summary: RescanSummary) -> None:
+        self.pending = summary.pending
+        self.not_ready = set(summary.not_ready)
 
-    def _drop(self, p: str) -> None:
-        old = self.files.pop(p, None)
-        if old:
-            self.refs[old] -= 1
-            if self.refs[old] <= 0:
-                del self.refs[old]
-                self.pending_keys.discard(old)
-
-    def _add(self, p: str, key: bytes | None) -> None:
-        self.files[p] = key
-        if key:
-            self.refs[key] += 1
-            if key not in self.trained:
-                self.pending_keys.add(key)
+    def _change(self, path: str, info: FileInfo | None) -> None:
+        self.pending = max(0, self.pending + self.store.change_memory_file(path, info))
 
     def update(self, path: str) -> bool:
         """Re-read one path after an event; returns True if it is still not ready (retry later)."""
-        self._drop(path)
         self.not_ready.discard(path)
         try:
             st = os.stat(path)
         except OSError:
-            self._removed.add(path)
+            self._change(path, None)
             return False
         key = memory_key_at(path, os.fspath(self.root), max_bytes=self.cfg.max_file_bytes,
                             not_ready_grace_s=self.cfg.not_ready_grace_s)
         if isinstance(key, NotReady):
+            # Not counted until it parses: it may yet turn out to be a reject.
+            self._change(path, None)
             self.not_ready.add(path)
             return True
-        self._add(path, _digest(key))
-        self._dirty[path] = (st.st_mtime_ns, st.st_size, key)
-        self._removed.discard(path)
+        self._change(path, (st.st_mtime_ns, st.st_size, key))
         return False
 
     def remove(self, path: str) -> None:
-        self._drop(path)
         self.not_ready.discard(path)
-        self._removed.add(path)
+        self._change(path, None)
 
     def remove_tree(self, folder: str) -> None:
         prefix = folder.rstrip(os.sep) + os.sep
-        for p in [p for p in self.files if p.startswith(prefix)]:
-            self.remove(p)
+        self.not_ready = {p for p in self.not_ready if not p.startswith(prefix)}
+        if self.store.drop_memory_files_under(folder):
+            self.pending = self.store.pending_count()
 
     def mark_trained(self, keys: Iterable[str]) -> None:
-        for k in keys:
-            d = _digest(k)
-            if d:
-                self.trained.add(d)
-                self.pending_keys.discard(d)
+        """A run's memories were recorded as trained (in the DB, by the caller): recount."""
+        del keys
+        self.pending = self.store.pending_count()
 
-    def flush(self) -> None:
-        """Persist the (mtime, size, key) cache; only speeds up the next rescan."""
-        if self._dirty or self._removed:
-            dirty, removed = self._dirty, self._removed
-            self._dirty, self._removed = {}, set()
-            self.store.save_file_cache(dirty, removed)
+
+def release_heap() -> None:
+    """Give the scan's freed memory back to the OS (glibc keeps it otherwise; ~10 MiB at 100k files)."""
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 class _Handler(FileSystemEventHandler):
@@ -234,11 +221,11 @@ class Watcher:
         observer.start()
         self.observer = observer
 
-    async def rescan(self) -> ScanResult:
+    async def rescan(self) -> RescanSummary:
         result = await asyncio.to_thread(self.index.rescan_blocking)
         self.index.install(result)
         log.info("rescan of %s: %d memory files (%d parsed, %d cached), %d pending, %d not ready yet",
-                 self.index.root, len(result.files), result.parsed, result.cached, self.index.pending,
+                 self.index.root, result.files, result.parsed, result.cached, self.index.pending,
                  len(result.not_ready))
         for p in result.not_ready:
             self._retry_later(p)
@@ -276,4 +263,3 @@ class Watcher:
             await asyncio.to_thread(self.observer.join, 5)
         if self._task is not None:
             self._task.cancel()
-        self.index.flush()
