@@ -460,7 +460,7 @@ def child_rescan(root: Path, db: Path, profile: bool) -> None:
         row: dict[str, Any] = {
             "total_s": round(t4 - t0, 3), "file_cache_load_s": round(t1 - t0, 3), "scan_s": round(t2 - t1, 3),
             "save_file_cache_s": round(t3 - t2, 3), "pending_count_s": round(t4 - t3, 3),
-            "files": len(result.files), "parsed": result.parsed, "cached": result.cached,
+            "files": result.files, "parsed": result.parsed, "cached": result.cached,
             "pending": pending,
         }
         del cache, result

@@ -421,11 +421,12 @@ class Store:
                 n += 1
         return n
 
-    def file_cache(self) -> dict[str, tuple[int, int, str | None]]:
+    def file_cache(self) -> dict[str, tuple[int, int]]:
+        """path → (mtime_ns, size) of every memory file seen; what a rescan compares against."""
         # Plain rows, not ORM objects: 100k of them load in a fraction of the time.
-        q = select(MemoryFile.path, MemoryFile.mtime_ns, MemoryFile.size, MemoryFile.key)
+        q = select(_FILES.c.path, _FILES.c.mtime_ns, _FILES.c.size)
         with self.engine.connect() as conn:
-            return {path: (mtime, size, key) for path, mtime, size, key in conn.execute(q)}
+            return {path: (mtime, size) for path, mtime, size in conn.execute(q)}
 
     def save_file_cache(self, upserts: dict[str, tuple[int, int, str | None]], deletes: Iterable[str]) -> None:
         """Bulk upsert/delete (one statement per chunk, not one SELECT per row)."""

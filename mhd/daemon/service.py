@@ -135,9 +135,8 @@ class Daemon:
                                   log=logging.getLogger("mhd.run"), on_trained=self.index.mark_trained)
 
             watcher = Watcher(self.index, self.triggers.changed)
-            watcher.start_observer()  # before the rescan: nothing written meanwhile is missed
             stack.push_async_callback(watcher.stop)
-            await watcher.rescan()
+            await watcher.start()
             watcher.start_consumer()
 
             control = ControlServer(self.cfg.socket_path, self.handle, self.cfg.socket_group)

@@ -53,7 +53,7 @@ def is_memory_path(path: str) -> bool:
 
 @dataclass
 class ScanResult:
-    files: dict[str, FileInfo]
+    files: int
     not_ready: set[str]
     parsed: int
     cached: int
@@ -61,17 +61,20 @@ class ScanResult:
     removed: list[str] = field(default_factory=list)
 
 
-def scan(root: Path, cache: dict[str, FileInfo], cfg: DatasetConfig) -> ScanResult:
-    """Walk ``root``; re-read only files whose (mtime, size) changed since the cache."""
-    files: dict[str, FileInfo] = {}
+def scan(root: Path, cache: dict[str, tuple[int, int]], cfg: DatasetConfig) -> ScanResult:
+    """Walk ``root``; re-read only files whose (mtime, size) changed since ``cache``.
+
+    ``cache`` (path → (mtime_ns, size), from ``Store.file_cache``) is consumed: what is left
+    in it at the end are files that are gone.
+    """
     dirty: dict[str, FileInfo] = {}
     not_ready: set[str] = set()
+    removed: list[str] = []
     parsed = cached = 0
     root_s = os.fspath(root)
     for p, st, linked in iter_memory_stats(root):
-        hit = cache.get(p)
+        hit = cache.pop(p, None)
         if hit is not None and hit[0] == st.st_mtime_ns and hit[1] == st.st_size:
-            files[p] = hit
             cached += 1
             continue
         parsed += 1
@@ -79,12 +82,12 @@ def scan(root: Path, cache: dict[str, FileInfo], cfg: DatasetConfig) -> ScanResu
                             not_ready_grace_s=cfg.not_ready_grace_s)
         if isinstance(key, NotReady):
             not_ready.add(p)
+            if hit is not None:  # changed and not parseable yet: not counted until it is
+                removed.append(p)
             continue
-        info = (st.st_mtime_ns, st.st_size, key)
-        files[p] = info
-        dirty[p] = info
-    removed = [p for p in cache if p not in files]
-    return ScanResult(files, not_ready, parsed, cached, dirty, removed)
+        dirty[p] = (st.st_mtime_ns, st.st_size, key)
+    removed.extend(cache)
+    return ScanResult(cached + len(dirty), not_ready, parsed, cached, dirty, removed)
 
 
 @dataclass(frozen=True)
@@ -111,14 +114,18 @@ class MemoryIndex:
         self.pending = 0
         self.not_ready: set[str] = set()
 
-    def rescan_blocking(self) -> RescanSummary:
-        """Thread-safe part of the startup rescan (reads files and the DB, touches no state)."""
-        result = scan(self.root, self.store.file_cache(), self.cfg)
+    def rescan_blocking(self, cache: dict[str, tuple[int, int]] | None = None) -> RescanSummary:
+        """Thread-safe part of the startup rescan (reads files and the DB, touches no state).
+
+        ``cache`` is ``store.file_cache()``, if the caller loaded it already.
+        """
+        result = scan(self.root, self.store.file_cache() if cache is None else cache, self.cfg)
         self.store.save_file_cache(result.dirty, result.removed)
-        summary = RescanSummary(len(result.files), result.parsed, result.cached, frozenset(result.not_ready),
+        summary = RescanSummary(result.files, result.parsed, result.cached, frozenset(result.not_ready),
                                 self.store.pending_count())
         del result
-        release_heap()
+        if summary.parsed > 1000:  # a warm rescan leaves little behind; skip the full collection
+            release_heap()
         return summary
 
     def install(self, summary: RescanSummary) -> None:
@@ -208,9 +215,24 @@ class Watcher:
         self.observer: Observer | None = None  # type: ignore[valid-type]
         self._task: asyncio.Task[None] | None = None
 
-    def start_observer(self) -> None:
+    async def start(self) -> RescanSummary:
+        """Watch, then rescan: in this order nothing written meanwhile is missed."""
         loop = asyncio.get_running_loop()
+        # Loading the DB's file cache touches no memory file, so it may overlap the observer's
+        # start, which walks every folder to add its inotify watch.
+        cache, _ = await asyncio.gather(asyncio.to_thread(self.index.store.file_cache),
+                                        asyncio.to_thread(self._start_observer, loop))
+        result = await asyncio.to_thread(self.index.rescan_blocking, cache)
+        del cache
+        self.index.install(result)
+        log.info("rescan of %s: %d memory files (%d parsed, %d cached), %d pending, %d not ready yet",
+                 self.index.root, result.files, result.parsed, result.cached, self.index.pending,
+                 len(result.not_ready))
+        for p in result.not_ready:
+            self._retry_later(p)
+        return result
 
+    def _start_observer(self, loop: asyncio.AbstractEventLoop) -> None:
         def emit(kind: str, path: str) -> None:
             loop.call_soon_threadsafe(self.queue.put_nowait, (kind, path))
 
@@ -220,16 +242,6 @@ class Watcher:
         observer.daemon = True
         observer.start()
         self.observer = observer
-
-    async def rescan(self) -> RescanSummary:
-        result = await asyncio.to_thread(self.index.rescan_blocking)
-        self.index.install(result)
-        log.info("rescan of %s: %d memory files (%d parsed, %d cached), %d pending, %d not ready yet",
-                 self.index.root, result.files, result.parsed, result.cached, self.index.pending,
-                 len(result.not_ready))
-        for p in result.not_ready:
-            self._retry_later(p)
-        return result
 
     def start_consumer(self) -> None:
         self._task = asyncio.create_task(self._consume(), name="watcher")

@@ -160,3 +160,16 @@ def test_random_changes_keep_the_count_equal_to_a_recount(root: Path, store: Sto
             shutil.rmtree(folder, ignore_errors=True)
             index.remove_tree(str(folder))
         assert index.pending == brute_pending(root, store), f"step {step}: {op:.2f} {name}"
+
+
+def test_a_file_caught_mid_rewrite_at_startup_waits_uncounted_until_it_parses(root: Path, store: Store) -> None:
+    a = write(root, "2026/a.json", memory("Before the rewrite."))
+    assert started(root, store).pending == 1
+
+    write(root, "2026/a.json", text='{"content": "After the re', mtime=None)  # the daemon was down
+    index = started(root, store)
+    assert (index.pending, index.not_ready) == (0, {str(a)})
+
+    write(root, "2026/a.json", memory("After the rewrite."), mtime=None)
+    assert index.update(str(a)) is False
+    assert index.pending == 1 == brute_pending(root, store)
