@@ -40,7 +40,6 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +47,7 @@ import psutil
 
 from mhd.daemon.client import DaemonNotRunning, request
 from mhd.devtools.toml_write import write_config
+from tests.support.polling import wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 OUT_DIR = REPO / "benchmarks" / "out"
@@ -130,16 +130,6 @@ def summary_ms(seconds: list[float]) -> dict[str, float]:
             "p99_ms": round(pct(ms, 99), 2), "max_ms": round(max(ms), 2), "mean_ms": round(sum(ms) / len(ms), 2)}
 
 
-def wait_for(pred: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = pred()
-        if got:
-            return got
-        time.sleep(interval)
-    raise RuntimeError(f"timed out after {timeout} s waiting for {what}")
-
-
 def torch_mapped(pid: int) -> list[str]:
     """Shared objects of torch mapped into the process (none: torch was never imported)."""
     found = set()
@@ -181,7 +171,7 @@ class Daemon:
         offset = self.log.stat().st_size if self.log.exists() else 0
         started = time.perf_counter()
         self.proc.start(wait=False)
-        wait_for(self.proc.ping, timeout, "daemon ready", interval=0.01)
+        wait_until(self.proc.ping, timeout, "daemon ready", interval=0.01)
         ready = time.perf_counter() - started
         self._log_offset = offset
         return ready
@@ -267,7 +257,7 @@ def bench_small(work: Path, args: argparse.Namespace, res: dict[str, Any]) -> No
 
         resp = request(d.socket, "train")
         assert resp.get("ok"), resp
-        wait_for(lambda: (d.status()["progress"]["step"] or 0) >= args.min_step, 120,
+        wait_until(lambda: (d.status()["progress"]["step"] or 0) >= args.min_step, 120,
                  f"training past step {args.min_step}", interval=0.2)
         first = d.status()
         print(f"  run {first['run_id']} training at step {first['progress']['step']}; "
@@ -313,7 +303,7 @@ def bench_small(work: Path, args: argparse.Namespace, res: dict[str, Any]) -> No
         res["status_cli"] = {**summary_ms(cli), "command": shown}
 
         request(d.socket, "cancel")
-        wait_for(lambda: d.status()["state"] == "Idle", 60, "Idle after cancel", interval=0.2)
+        wait_until(lambda: d.status()["state"] == "Idle", 60, "Idle after cancel", interval=0.2)
     finally:
         d.stop()
 

@@ -33,6 +33,7 @@ from mhd.states.model import Outcome, RunState
 from mhd.store import Store
 from mhd.views import run_dict, runs_list, status_snapshot
 from mhd.web import WebServer, charts
+from tests.support.polling import wait_until
 
 S = RunState
 TOKEN = "test-token-0123456789abcdef"
@@ -136,17 +137,6 @@ class ServerThread:
 def roundtrip(obj: Any) -> Any:
     """What `mhd … --json` prints, read back: the page's JSON must equal this."""
     return json.loads(json.dumps(obj))
-
-
-def wait_for(cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = cond()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
 
 
 @pytest.fixture
@@ -371,7 +361,7 @@ def browser(tmp_path: Path) -> Iterator[Browser]:
                               stderr=(tmp_path / "chromedriver.log").open("wb"), start_new_session=True)
     try:
         url = f"http://127.0.0.1:{port}"
-        wait_for(lambda: _driver_ready(url), 60, "chromedriver to listen", interval=0.2)
+        wait_until(lambda: _driver_ready(url), 60, "chromedriver to listen", interval=0.2)
         b = Browser(url, tmp_path / "chromium-profile")
         try:
             yield b
@@ -436,23 +426,23 @@ def test_page_follows_a_run_from_training_to_idle_without_reload(tmp_path, brows
                           runs_dir=tmp_path / "state" / "runs") as srv:
             browser.open(srv.url + "/")
             state_text = "return document.getElementById('state').textContent"
-            wait_for(lambda: browser.js(state_text) == "Training", 60, "the page to show Training")
+            wait_until(lambda: browser.js(state_text) == "Training", 60, "the page to show Training")
             browser.js("window.__sameDocument = 'yes'")  # gone if the page ever reloads
 
             # Progress lines arrive one by one, as the trainer logs them.
             for i in range(1, steps + 1):
                 daemon_side.add_progress(run_id, [point(i, steps, gpu=True, eval_every=4)], offset=i)
                 time.sleep(0.25)
-            live = wait_for(lambda: (c := browser.js(COUNTS_JS))["points"] == steps and c, 60,
+            live = wait_until(lambda: (c := browser.js(COUNTS_JS))["points"] == steps and c, 60,
                             "the loss curve to grow to every progress line while training")
             assert live["step"] == f"{steps} / {steps}"
             browser.screenshot(tmp_path / "web-training.png")
 
             finish(daemon_side, run_id, "mhd-model-under-test")
-            wait_for(lambda: browser.js(state_text) == "Idle", 60, "the page to show Idle without a reload")
+            wait_until(lambda: browser.js(state_text) == "Idle", 60, "the page to show Idle without a reload")
             assert browser.js("return window.__sameDocument") == "yes", "the page reloaded"
 
-            counts = wait_for(lambda: (c := browser.js(COUNTS_JS))["vertices"] == steps and c, 60,
+            counts = wait_until(lambda: (c := browser.js(COUNTS_JS))["vertices"] == steps and c, 60,
                               "the final loss curve")
             assert counts["points"] == counts["vertices"] == counts["circles"] == steps
             assert counts["prev"] == prev_steps  # the previous run's curve, faint behind
@@ -461,7 +451,7 @@ def test_page_follows_a_run_from_training_to_idle_without_reload(tmp_path, brows
             chips = browser.js("return [...document.querySelectorAll('#timeline .chip .name')]"
                                ".map(e => e.textContent)")
             assert chips == ["Provisioning", "Connecting", "Uploading", "Training", "Fetching", "Merging", "Idle"]
-            rows = wait_for(lambda: browser.js(
+            rows = wait_until(lambda: browser.js(
                 "return [...document.querySelectorAll('#runs-body tr')].map(r => r.innerText)")
                 if len(browser.js("return document.querySelectorAll('#runs-body tr[data-run]')")) == 2
                 else None, 30, "both runs in the table")
@@ -473,7 +463,7 @@ def test_page_follows_a_run_from_training_to_idle_without_reload(tmp_path, brows
             # Each run's "log" link opens its log tail (a plain page, escaped).
             href = browser.js(f"return document.querySelector('#runs-body tr[data-run=\"{run_id}\"] a').href")
             browser.open(href)
-            logs = wait_for(lambda: browser.js(
+            logs = wait_until(lambda: browser.js(
                 "return [...document.querySelectorAll('pre.log')].map(p => p.textContent)"), 30, "the log page")
             assert "pod mhd-test adopted" in logs[0] and "step 12: loss <12> & more" in logs[1]
             browser.screenshot(tmp_path / "web-log.png")

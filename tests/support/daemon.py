@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from mhd.daemon.client import DaemonNotRunning, request
+from tests.support.polling import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 FAKE_TRAINER = REPO / "tests" / "jobs" / "fake_trainer.py"
@@ -117,13 +118,8 @@ class DaemonProc:
 
     def wait_for(self, pred: Callable[[], Any], timeout: float = 60, what: str = "condition",
                  interval: float = 0.05) -> Any:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            got = pred()
-            if got:
-                return got
-            time.sleep(interval)
-        raise AssertionError(f"timed out waiting for {what}; daemon log tail:\n{self.log.read_text()[-4000:]}")
+        return wait_until(pred, timeout, what, interval=interval,
+                          on_timeout=lambda: f"daemon log tail:\n{self.log.read_text()[-4000:]}")
 
     def wait_state(self, state: str, timeout: float = 60) -> dict[str, Any]:
         st: dict[str, Any] = self.wait_for(lambda: (s := self.status())["state"] == state and s,

@@ -25,7 +25,6 @@ import os
 import re
 import signal
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ from mhd.hashing import sha256_file
 from mhd.store import Store
 from tests.support.daemon import REPO, DaemonProc, write_memories
 from tests.support.ollama_standin import OllamaStandIn
+from tests.support.polling import wait_until
 from tests.support.runpod_standin import RunpodStandin
 from tests.support.sshd import SshServer
 from tests.support.tcpproxy import TcpProxy
@@ -47,19 +47,6 @@ HAPPY = ["Idle", "Provisioning", "Connecting", "Uploading", "Training", "Fetchin
 # An API key that looks like RunPod's and that no log line could contain by accident.
 API_KEY = "rpa_E2E" + "K3yN0tF0rL0gs" * 3
 _TRAIN_START = re.compile(r"training (\d+) steps \((starting|resuming at step (\d+))\)")
-
-
-def wait_until(pred: Callable[[], Any], timeout: float, what: str, *, interval: float = 0.05,
-               on_timeout: Callable[[], str] = lambda: "") -> Any:
-    """Poll ``pred`` until it returns something truthy (returned); AssertionError after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        got = pred()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}\n{on_timeout()}")
-        time.sleep(interval)
 
 
 def live_members(pgid: int) -> list[psutil.Process]:

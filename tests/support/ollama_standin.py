@@ -44,7 +44,6 @@ import json
 import re
 import sys
 import threading
-import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -508,13 +507,3 @@ class _Handler(BaseHTTPRequestHandler):
             self._stream([*lines[:1], {"error": fault.error}])
             return
         self._stream([*lines, final])
-
-
-def wait_until(pred: Any, timeout: float = 5.0) -> bool:
-    """Poll ``pred`` (used by end-to-end tests watching the stand-in from another thread)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.02)
-    return bool(pred())
