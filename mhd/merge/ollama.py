@@ -15,8 +15,9 @@ Request bodies are never logged or put into error messages (prompts may be perso
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -173,29 +174,13 @@ class OllamaClient:
                 body[key] = dict(value) if isinstance(value, Mapping) else value
         op = f"create {model}"
         last = ""
-        try:
-            async with self._http.stream("POST", "/api/create", json=body, timeout=self._long) as resp:
-                if resp.status_code != 200:
-                    await resp.aread()
-                    raise self._failed(op, resp)
-                async for line in resp.aiter_lines():
-                    if not line.strip():
-                        continue
-                    try:
-                        msg = json.loads(line)
-                    except ValueError:
-                        continue  # not ours to judge; the final status decides
-                    if isinstance(msg, dict) and msg.get("error"):
-                        err = str(msg["error"])
-                        raise OllamaError(f"Ollama at {self.base_url}: {op} failed: {err}",
-                                          status=resp.status_code, server_message=err)
-                    status = str(msg.get("status", "")) if isinstance(msg, dict) else ""
-                    if status and status != last:
-                        last = status
-                        if log:
-                            log(status)
-        except httpx.HTTPError as exc:
-            raise self._unreachable(op, exc) from exc
+        async with contextlib.aclosing(self._ndjson(op, "/api/create", body, lenient=True)) as lines:
+            async for msg in lines:
+                status = str(msg.get("status", ""))
+                if status and status != last:
+                    last = status
+                    if log:
+                        log(status)
         if last != "success":
             raise OllamaError(f"Ollama at {self.base_url}: {op}: the stream ended without 'success' "
                               f"(last status: {last or 'none'}); retry")
@@ -247,25 +232,44 @@ class OllamaClient:
                 raise OllamaError(f"Ollama at {self.base_url}: {op} failed: {data['error']}")
             return str((data.get("message") or {}).get("content") or "")
         parts: list[str] = []
+        async with contextlib.aclosing(self._ndjson(op, "/api/chat", body, lenient=False)) as lines:
+            async for msg in lines:
+                parts.append(str((msg.get("message") or {}).get("content") or ""))
+                if msg.get("done"):
+                    break
+        return "".join(parts)
+
+
+    async def _ndjson(self, op: str, path: str, body: dict[str, Any], *,
+                      lenient: bool) -> AsyncGenerator[dict[str, Any], None]:
+        """POST ``body`` and yield each line of the streamed (NDJSON) reply as a dict.
+
+        A line carrying ``error`` raises OllamaError. A line that is not a JSON object is skipped
+        when ``lenient`` (create: the last status decides), an error otherwise (chat).
+        """
         try:
-            async with self._http.stream("POST", "/api/chat", json=body, timeout=self._long) as resp:
+            async with self._http.stream("POST", path, json=body, timeout=self._long) as resp:
                 if resp.status_code != 200:
                     await resp.aread()
                     raise self._failed(op, resp)
                 async for line in resp.aiter_lines():
                     if not line.strip():
                         continue
-                    msg = json.loads(line)
+                    try:
+                        msg = json.loads(line)
+                    except ValueError:
+                        msg = None
+                    if not isinstance(msg, dict):
+                        if lenient:
+                            continue
+                        raise OllamaError(f"Ollama at {self.base_url}: {op}: a streamed line is not a JSON object")
                     if msg.get("error"):
-                        raise OllamaError(f"Ollama at {self.base_url}: {op} failed: {msg['error']}")
-                    parts.append(str((msg.get("message") or {}).get("content") or ""))
-                    if msg.get("done"):
-                        break
+                        err = str(msg["error"])
+                        raise OllamaError(f"Ollama at {self.base_url}: {op} failed: {err}",
+                                          status=resp.status_code, server_message=err)
+                    yield msg
         except httpx.HTTPError as exc:
             raise self._unreachable(op, exc) from exc
-        except ValueError as exc:
-            raise OllamaError(f"Ollama at {self.base_url}: {op}: a streamed line is not JSON") from exc
-        return "".join(parts)
 
 
 def blob_digest(path: Path) -> str:
