@@ -79,21 +79,19 @@ def _sh_quote(v: str) -> str:
     return "'" + v.replace("'", "'\"'\"'") + "'"
 
 
-def inputs_built(ctx: RunContext, run: Run) -> bool:
-    return (ctx.run_dir(run) / "input" / "dataset_manifest.json").exists()
-
-
-def _build_inputs(ctx: RunContext, run: Run, export: dict[str, Any] | None) -> dict[str, Any]:
+def _build_dataset(ctx: RunContext, run: Run) -> dict[str, Any]:
+    """The dataset, into a fresh staging folder (``input.tmp``); returns its manifest."""
     from mhd.dataset.build import build_dataset
 
-    inputs = ctx.run_dir(run) / "input"
-    manifest_path = inputs / "dataset_manifest.json"
-    if manifest_path.exists():
-        return dict(json.loads(manifest_path.read_text()))
     staging = ctx.run_dir(run) / "input.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    manifest = build_dataset(ctx.cfg.memory_dir, staging, ctx.cfg.dataset)
+    return dict(build_dataset(ctx.cfg.memory_dir, staging, ctx.cfg.dataset))
+
+
+def _finish_inputs(ctx: RunContext, run: Run, export: dict[str, Any] | None) -> None:
+    """Config, scripts and job env next to the dataset; then staging becomes ``input``."""
+    staging = ctx.run_dir(run) / "input.tmp"
     (staging / "config.json").write_text(json.dumps(trainer_config(ctx, export), indent=2))
     script = ctx.cfg.training.script or POD_FILES_DIR / TRAINER
     shutil.copyfile(script, staging / TRAINER)
@@ -103,19 +101,26 @@ def _build_inputs(ctx: RunContext, run: Run, export: dict[str, Any] | None) -> d
     env_path.touch(mode=0o600)
     env_path.write_text(job_env(ctx))
     # The folder appears whole or not at all: a crash mid-build rebuilds from scratch.
+    inputs = ctx.run_dir(run) / "input"
     shutil.rmtree(inputs, ignore_errors=True)
     os.replace(staging, inputs)
-    return dict(manifest)
 
 
 async def act(ctx: RunContext, m: RunMachine) -> None:
     run = ctx.check(m.run.id)
-    export = None if inputs_built(ctx, run) else await export_settings(ctx)
-    manifest = await asyncio.to_thread(_build_inputs, ctx, run, export)
-    if export is not None:
-        ctx.append_log(run, f"model route {export['route']}: " + (
-            f"the pod exports a merged {export['quantize']} GGUF after training" if export["enabled"]
-            else "the pod ships the adapter only"))
+    manifest_path = ctx.run_dir(run) / "input" / "dataset_manifest.json"
+    if manifest_path.exists():
+        manifest = dict(json.loads(manifest_path.read_text()))
+    else:
+        manifest = await asyncio.to_thread(_build_dataset, ctx, run)
+        # Data first: with nothing to train on, the run ends no_data at once instead of
+        # waiting for an Ollama that is down.
+        if manifest.get("samples"):
+            export = await export_settings(ctx)
+            await asyncio.to_thread(_finish_inputs, ctx, run, export)
+            ctx.append_log(run, f"model route {export['route']}: " + (
+                f"the pod exports a merged {export['quantize']} GGUF after training" if export["enabled"]
+                else "the pod ships the adapter only"))
     report = {k: manifest.get(k) for k in ("samples", "eval_samples", "memories_read", "rejects",
                                             "not_ready", "by_type", "time_range")}
     run = ctx.store.update_run(run.id, samples=int(manifest.get("samples") or 0),

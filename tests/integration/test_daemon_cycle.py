@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import stat
 import subprocess
 import sys
@@ -106,7 +107,16 @@ def test_socket_is_private_and_status_without_daemon_exits_3(denv):
     assert runs.returncode == 0 and json.loads(runs.stdout) == []
 
 
-def test_no_usable_memories_ends_no_data_without_renting_a_pod(denv):
+@pytest.mark.parametrize("ollama", ["none", "down"])
+def test_no_usable_memories_ends_no_data_without_renting_a_pod(denv, ollama):
+    if ollama == "down":  # nothing to train on decides first: no retrying against a dead Ollama
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        denv.configure(merge={"mode": "ollama", "ollama_url": f"http://127.0.0.1:{port}", "route": "auto"})
+    (denv.memories / "2026").mkdir()
+    (denv.memories / "2026" / "broken.json").write_text('{"content": ')
+    os.utime(denv.memories / "2026" / "broken.json", (1_600_000_000, 1_600_000_000))
     d = denv.daemon().start()
     run_id = d.ask("train")["run_id"]
     d.wait_for(lambda: d.status()["state"] == "Idle" and d.status()["last_run"], 30, "run end")
