@@ -178,6 +178,12 @@ class TcpProxy:
 
     async def _shutdown(self) -> None:
         await self._pause(cut=True)
+        # End the connection handlers while the loop still runs: a task left pending (a delayed
+        # chunk under latency_s) would be destroyed with the closed loop, warning as it goes.
+        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in others:
+            task.cancel()
+        await asyncio.gather(*others, return_exceptions=True)
 
     async def _cut(self) -> int:
         links = list(self._links)
