@@ -7,8 +7,10 @@ Run it (it starts its own sshd on 127.0.0.1 from tests/support, nothing else is 
     .venv/bin/python -m benchmarks.bench_transfer --rtt-ms 50  # through a proxy adding 50 ms RTT
 
 Methods, each timed end to end as the daemon (or the seed) would pay for it:
-  mhd      SshSession.upload (remote sha256 pre-check, SFTP put to a temp name, remote sha256
-           verify, rename) and SshSession.download (streamed to .part, hashed on the way, renamed)
+  mhd      SshSession.upload (SFTP stat of the target, hashed only when its size matches; SFTP
+           writes to a temp name that a python on the host hashes as the acknowledged prefix
+           grows; rename if the sha256 matches) and SshSession.download (streamed to .part,
+           hashed on the way, renamed)
   scp      OpenSSH scp with default options (SFTP protocol since OpenSSH 9)
   sftp     the same SFTP session and settings without mhd's checks (asyncssh put/get), to show
            what the remote sha256 verification and in-order hashing cost

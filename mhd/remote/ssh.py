@@ -31,7 +31,7 @@ import re
 import secrets
 import shlex
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -92,19 +92,56 @@ _HASH_FN = (
 )
 # $1 file, $2 python hasher → its sha256.
 _SHA256_SH = f'PY=$2; {_HASH_FN}[ -f "$1" ] || exit {_SHA_MISSING}; hash_file "$1"'
-# $1 target, $2 its dir, $3 python hasher → make the dir, drop stale temp files, target's sha256.
-# (Temp files of uploads a drop interrupted would otherwise pile up on the pod's disk.)
-_UPLOAD_PREP_SH = (
-    f'PY=$3; {_HASH_FN}mkdir -p -- "$2" || exit 1; rm -f -- "$1".tmp-*; '
-    f'[ -f "$1" ] || exit {_SHA_MISSING}; hash_file "$1"'
-)
+# $1 target, $2 python hasher → drop stale temp files, target's sha256. For the skip-if-present
+# check, run only when the target has the local file's size. (Temp files of uploads a drop
+# interrupted would otherwise pile up on the pod's disk.)
+_UPLOAD_PREP_SH = f'PY=$2; {_HASH_FN}rm -f -- "$1".tmp-*; [ -f "$1" ] || exit {_SHA_MISSING}; hash_file "$1"'
 # $1 temp, $2 target, $3 expected sha256, $4 python hasher → rename if the hash matches (mv within
-# one directory is rename(2): atomic), else delete the temp file and print the hash seen.
+# one directory is rename(2): atomic), else delete the temp file and print the hash seen. Only for
+# hosts where the overlapped hasher below cannot run (no python): it reads the whole file again.
 _UPLOAD_COMMIT_SH = (
     f'PY=$4; {_HASH_FN}got=$(hash_file "$1") || exit $?; '
     'if [ "$got" = "$3" ]; then exec mv -f -- "$1" "$2"; fi; '
     f'rm -f -- "$1"; echo "$got"; exit {_SHA_DIFFERS}'
 )
+
+# The overlapped upload hash. While the client writes the temp file, this process hashes it
+# sequentially, never past what the client says is complete: each stdin line is a byte count N
+# ("the first N bytes are written", i.e. acknowledged by the SFTP server) or "end" (the client is
+# done: hash to the end of the file, print the sha256). EOF without "end" means the client went
+# away: exit without hashing the rest. The file is opened at the first line (it exists by then),
+# unbuffered: a buffered reader would read ahead past the prefix and keep bytes not yet written.
+# Runs under python 2 as well.
+_PY_HASHER = (
+    "import hashlib,sys\n"
+    "src=getattr(sys.stdin,'buffer',sys.stdin)\n"
+    "h=hashlib.sha256();f=None;pos=0\n"
+    "for line in iter(src.readline,b''):\n"
+    "    f=f or open(sys.argv[1],'rb',0)\n"
+    "    last=line.strip()==b'end'\n"
+    "    upto=-1 if last else int(line)\n"
+    "    while last or pos<upto:\n"
+    "        b=f.read(1<<20 if last else min(1<<20,upto-pos))\n"
+    "        if not b: break\n"
+    "        h.update(b);pos+=len(b)\n"
+    "    if last: print(h.hexdigest()); sys.exit(0)\n"
+    "    if pos<upto: sys.exit(8)\n"
+    "sys.exit(9)\n"
+)
+_NO_PYTHON = 5  # the hasher script found no working python
+# $1 target, $2 temp, $3 _PY_HASHER, $4… python commands to try → drop the target's stale temp
+# files (not ours: the client creates it meanwhile), then exec the first python found on the temp
+# file, else exit _NO_PYTHON. A python that fails (a pyenv shim with no version behind it) exits
+# non-zero too: either way upload() falls back to _UPLOAD_COMMIT_SH, which also tries sha256sum.
+_UPLOAD_HASHER_SH = (
+    'tgt=$1 tmp=$2 PY=$3; shift 3; for f in "$tgt".tmp-*; do [ "$f" = "$tmp" ] || rm -f -- "$f"; done; '
+    'for py in "$@"; do command -v "$py" >/dev/null 2>&1 && exec "$py" -c "$PY" "$tmp"; done; '
+    f"exit {_NO_PYTHON}"
+)
+# How often (in bytes of acknowledged prefix) the client tells the hasher how far it may read.
+HASH_FEED_STEP = 8 << 20
+# Remote hashing may take this long per byte on top of a command's timeout (a slow pod disk).
+_HASH_S_PER_BYTE = 1 / (20 << 20)
 
 
 # ---- host keys ----------------------------------------------------------------------------------
@@ -316,8 +353,85 @@ def _hash_prefix(path: Path, length: int) -> Any:
     return h
 
 
+class _TempFileHasher:
+    """Client side of ``_UPLOAD_HASHER_SH``: one remote process hashing the temp file as it grows.
+
+    ``start`` (the process being created) proceeds while the transfer begins; until the process
+    is up, ``tell`` does nothing: each later line carries a longer prefix, so nothing is lost.
+    """
+
+    def __init__(self, start: Awaitable[asyncssh.SSHClientProcess[str]]) -> None:
+        self._start = asyncio.ensure_future(start)
+        self._closed = False
+        self._ended = False
+        self.told = 0  # the longest prefix sent
+
+        def close_if_abandoned(future: asyncio.Future[asyncssh.SSHClientProcess[str]]) -> None:
+            # Also retrieves the exception of a failed start (the transfer reports the lost link).
+            if not future.cancelled() and future.exception() is None and self._closed:
+                future.result().close()
+
+        self._start.add_done_callback(close_if_abandoned)
+
+    def _proc(self) -> asyncssh.SSHClientProcess[str] | None:
+        start = self._start
+        if start.done() and not start.cancelled() and start.exception() is None:
+            return start.result()
+        return None
+
+    def tell(self, complete: int) -> None:
+        """The first ``complete`` bytes of the temp file are on the host (writes acknowledged)."""
+        proc = self._proc()
+        if proc is not None:
+            with contextlib.suppress(OSError):  # it has exited (no python): its exit status says so
+                proc.stdin.write(f"{complete}\n")
+            self.told = complete
+
+    def end(self, size: int) -> None:
+        """All ``size`` bytes are written: hash to the end of the file and print the sha256."""
+        proc = self._proc()
+        if proc is not None and not self._ended:
+            with contextlib.suppress(OSError):
+                proc.stdin.write(f"{size}\nend\n")
+                proc.stdin.write_eof()
+            self._ended = True
+
+    async def finish(self, size: int) -> asyncssh.SSHClientProcess[str]:
+        """The process, once it is up, told the end (see ``end``)."""
+        await asyncio.wait([self._start])  # a failed start raises below, from result()
+        self.end(size)
+        return self._start.result()
+
+    def close(self) -> None:
+        """Close the channel (the process sees EOF without "end" and exits), now or once it is up."""
+        self._closed = True
+        proc = self._proc()
+        if proc is not None:
+            proc.close()
+
+
+async def _make_dirs(sftp: asyncssh.SFTPClient, path: str) -> None:
+    """``mkdir -p path`` over SFTP: one request when the parent exists (asyncssh's makedirs
+    walks from ``/``, two requests per component: costly over a far-away link)."""
+    try:
+        await sftp.mkdir(path)
+    except asyncssh.SFTPNoSuchFile:
+        parent = posixpath.dirname(path.rstrip("/"))
+        if parent in ("", "/", path):
+            raise
+        await _make_dirs(sftp, parent)
+        with contextlib.suppress(asyncssh.SFTPFailure, asyncssh.SFTPFileAlreadyExists):
+            await sftp.mkdir(path)
+    except (asyncssh.SFTPFailure, asyncssh.SFTPFileAlreadyExists):
+        pass  # it exists (if not as a directory, opening the file in it says so)
+
+
 class SshSession:
     """The ``Session`` protocol over one asyncssh connection (one lazily opened SFTP channel)."""
+
+    # The pythons the upload hasher tries on the host, in order (a test swaps in names that exist
+    # nowhere to see the fallback for hosts without python).
+    python_commands: tuple[str, ...] = ("python3", "python")
 
     def __init__(self, conn: asyncssh.SSHClientConnection, endpoint: Endpoint, host_key: str) -> None:
         self._conn = conn
@@ -370,6 +484,10 @@ class SshSession:
                 encoding="utf-8",
                 errors="replace",
             )
+        return await self._result(proc, what, timeout)
+
+    async def _result(self, proc: asyncssh.SSHClientProcess[str], what: str, timeout: float) -> CommandResult:
+        """Wait for ``proc`` (then close it) and give its exit status and output, as ``run`` does."""
         try:
             with self._boundary(what):
                 try:
@@ -420,29 +538,133 @@ class SshSession:
         """Put ``local`` at ``remote`` via a temp name, verify sha256 remotely, rename.
 
         Returns False when the remote file already had this sha256 (nothing sent).
+
+        The host hashes the temp file while it is being written, not after: one python process
+        there (``_UPLOAD_HASHER_SH``) follows the prefix the SFTP server has acknowledged, so when
+        the last write is acknowledged only the tail is left to hash. The temp file replaces
+        ``remote`` (an atomic rename) only if that hash is ``sha256``; otherwise it is deleted and
+        IntegrityError raised. A host without python hashes the temp file after the transfer
+        (``sha256sum``) instead. A link dropped mid-way never leaves a renamed file, and the next
+        upload of the target deletes the temp files such drops leave behind.
         """
         want = sha256.lower()
-        local.stat()  # a missing local file is a local error, not a lost link
-        parent = posixpath.dirname(remote) or "."
-        # One round trip: create the dir, clear stale temp files, hash what is there already.
-        prep = await self.run(_sh(_UPLOAD_PREP_SH, remote, parent, _PY_SHA256))
-        if self._digest(prep, f"preparing {remote}") == want:
+        size = local.stat().st_size  # a missing local file is a local error, not a lost link
+        if await self._already_there(remote, size, want):
             return False
         tmp = f"{remote}.tmp-{secrets.token_hex(6)}"
-        sftp = await self._sftp()
-        with self._boundary(f"upload of {local} to {remote}"):
-            await sftp.put(str(local), tmp, block_size=SFTP_BLOCK, max_requests=UPLOAD_MAX_REQUESTS)
-        commit = await self.run(_sh(_UPLOAD_COMMIT_SH, tmp, remote, want, _PY_SHA256))
-        if commit.exit_status == _SHA_DIFFERS:
-            raise IntegrityError(
-                f"upload of {local} to {self._where}:{remote}: remote sha256 {commit.stdout.strip()} != expected "
-                f"{want}; the local file changed during upload or its recorded sha256 is stale — rebuild and retry"
+        hasher = _TempFileHasher(
+            self._conn.create_process(
+                _sh(_UPLOAD_HASHER_SH, remote, tmp, _PY_HASHER, *self.python_commands),
+                encoding="utf-8",
+                errors="replace",
             )
+        )
+        timeout = 120.0 + size * _HASH_S_PER_BYTE
+        try:
+            try:
+                await self._send(local, tmp, size, hasher, f"upload of {local} to {remote}")
+                with self._boundary(f"hashing {tmp}"):
+                    proc = await hasher.finish(size)
+                hashed = await self._result(proc, f"hashing {tmp}", timeout)
+            finally:
+                hasher.close()
+        except Exception:
+            await self._remove_quietly(tmp)  # fails fast on a dead link: the next upload's hasher clears it
+            raise
+        got = hashed.stdout.strip()
+        if hashed.exit_status != 0 or not _SHA256_HEX.match(got):
+            # No python on the host (or it failed): hash the whole temp file now, the old way.
+            return await self._commit_by_script(local, tmp, remote, want, timeout)
+        if got != want:
+            await self._remove_quietly(tmp)
+            raise self._upload_mismatch(local, remote, got, want)
+        try:
+            await self._rename(tmp, remote)
+        except MhdError:
+            await self._remove_quietly(tmp)
+            raise
+        return True
+
+    async def _already_there(self, remote: str, size: int, want: str) -> bool:
+        """Whether ``remote`` holds the content ``want`` already.
+
+        An SFTP stat first: only a file of the same size is hashed on the host (a full read of it),
+        in one command that also clears stale temp files of the target.
+        """
+        sftp = await self._sftp()
+        with self._boundary(f"checking {remote}"):
+            try:
+                attrs = await sftp.stat(remote)
+            except asyncssh.SFTPNoSuchFile:
+                return False
+        if attrs.size != size:
+            return False
+        prep = await self.run(_sh(_UPLOAD_PREP_SH, remote, _PY_SHA256), timeout=120.0 + size * _HASH_S_PER_BYTE)
+        return self._digest(prep, f"hashing {remote}") == want
+
+    async def _send(self, local: Path, tmp: str, size: int, hasher: _TempFileHasher, what: str) -> None:
+        """Write the first ``size`` bytes of ``local`` to a new file ``tmp`` (its directory made
+        when missing), with up to UPLOAD_MAX_REQUESTS block writes in flight.
+
+        As the acknowledged prefix grows, ``hasher`` is told; after the last write it is told the
+        end. Memory stays bounded by the writes in flight. Local read errors pass as OSError.
+        """
+        sftp = await self._sftp()
+        with self._boundary(what):
+            try:
+                remote_file = await sftp.open(tmp, "wb", block_size=0)  # 0: one request per write()
+            except asyncssh.SFTPNoSuchFile:
+                await _make_dirs(sftp, posixpath.dirname(tmp))
+                remote_file = await sftp.open(tmp, "wb", block_size=0)
+        pending: deque[tuple[int, asyncio.Future[int]]] = deque()
+        ok = False
+        try:
+            with local.open("rb") as src:
+                offset = 0
+                while True:
+                    while offset < size and len(pending) < UPLOAD_MAX_REQUESTS:
+                        block = src.read(min(SFTP_BLOCK, size - offset))
+                        if not block:
+                            raise IntegrityError(f"{what}: the local file shrank mid-transfer; retry when it is whole")
+                        pending.append((offset + len(block), asyncio.ensure_future(remote_file.write(block, offset))))
+                        offset += len(block)
+                    if not pending:
+                        break
+                    written, future = pending.popleft()
+                    with self._boundary(what):
+                        await future
+                    # Writes are acknowledged in order: everything before `written` is on the host.
+                    if written - hasher.told >= HASH_FEED_STEP:
+                        hasher.tell(written)
+            hasher.end(size)  # the hasher works on the tail while the file is closed
+            ok = True
+        finally:
+            for _, future in pending:
+                future.cancel()
+            if pending:
+                await asyncio.gather(*(f for _, f in pending), return_exceptions=True)
+            if ok:
+                with self._boundary(what):
+                    await remote_file.close()
+            else:
+                with contextlib.suppress(asyncssh.Error, OSError):
+                    await remote_file.close()
+
+    async def _commit_by_script(self, local: Path, tmp: str, remote: str, want: str, timeout: float) -> bool:
+        commit = await self.run(_sh(_UPLOAD_COMMIT_SH, tmp, remote, want, _PY_SHA256), timeout=timeout)
+        if commit.exit_status == _SHA_DIFFERS:
+            raise self._upload_mismatch(local, remote, commit.stdout.strip(), want)
         if commit.exit_status != 0:
             await self._remove_quietly(tmp)
             self._digest(commit, f"verifying {tmp}")  # raises the specific error (no tool, unreadable)
             raise RemoteError(f"cannot rename {tmp} to {remote} on {self._where}: {commit.stderr.strip()[:200]}")
         return True
+
+    def _upload_mismatch(self, local: Path, remote: str, got: str, want: str) -> IntegrityError:
+        return IntegrityError(
+            f"upload of {local} to {self._where}:{remote}: remote sha256 {got} != expected "
+            f"{want}; the local file changed during upload or its recorded sha256 is stale — rebuild and retry"
+        )
 
     async def download(self, remote: str, local: Path, sha256: str, size: int | None = None) -> int:
         """Stream ``remote`` into ``local``.part, resuming from its size, verify, move into place.

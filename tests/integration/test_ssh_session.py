@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import hashlib
 import os
 import posixpath
 import shutil
@@ -26,8 +27,10 @@ from hypothesis import strategies as st
 from mhd.errors import ConnectionLost, HostKeyMismatch, IntegrityError, RemoteError
 from mhd.hashing import sha256_file
 from mhd.remote.provider import Endpoint
-from mhd.remote.session import Session
+from mhd.remote.session import CommandResult, Session
 from mhd.remote.ssh import (
+    HASH_FEED_STEP,
+    SFTP_BLOCK,
     SshSession,
     connect,
     host_key_fingerprint,
@@ -366,6 +369,279 @@ def test_upload_replaces_a_remote_file_with_other_content(sshd: SshServer, tmp_p
 
     assert asyncio.run(scenario()) is True
     assert sha256_file(remote) == sha
+
+
+def spy_on_commands(session: SshSession) -> list[str]:
+    """The shell commands ``session.run`` is asked to run from now on (they still run)."""
+    seen: list[str] = []
+    real_run = session.run
+
+    async def run(command: str, *, input: str | None = None, timeout: float = 120.0) -> CommandResult:
+        seen.append(command)
+        return await real_run(command, input=input, timeout=timeout)
+
+    session.run = run  # type: ignore[method-assign]
+    return seen
+
+
+def test_upload_hashes_an_odd_sized_multi_block_file_while_sending_it(sshd: SshServer, tmp_path: Path) -> None:
+    local = tmp_path / "adapter.bin"
+    size = 3 * HASH_FEED_STEP + 5 * SFTP_BLOCK + 12_345  # several hasher steps, a partial last block
+    sha = random_file(local, size)
+    remote = tmp_path / "remote" / "deep" / "er" / "adapter.bin"  # directories made on the way
+
+    async def scenario() -> tuple[bool, list[str]]:
+        async with await open_session(sshd) as s:
+            commands = spy_on_commands(s)
+            return await s.upload(local, str(remote), sha), commands
+
+    sent, commands = asyncio.run(scenario())
+    assert sent is True
+    assert sha256_file(remote) == sha and remote.stat().st_size == size
+    assert commands == [], "the overlapped hasher verified it: no shell command after the transfer"
+    assert [p.name for p in remote.parent.iterdir()] == ["adapter.bin"]
+
+
+def test_upload_of_an_empty_file(sshd: SshServer, tmp_path: Path) -> None:
+    local = tmp_path / "empty.jsonl"
+    local.write_bytes(b"")
+    remote = tmp_path / "remote" / "empty.jsonl"
+
+    async def scenario() -> tuple[bool, bool]:
+        async with await open_session(sshd) as s:
+            first = await s.upload(local, str(remote), sha256_file(local))
+            return first, await s.upload(local, str(remote), sha256_file(local))
+
+    assert asyncio.run(scenario()) == (True, False)
+    assert remote.read_bytes() == b""
+
+
+def test_upload_over_a_same_sized_file_with_other_content_replaces_it(sshd: SshServer, tmp_path: Path) -> None:
+    local = tmp_path / "a.bin"
+    sha = random_file(local, 300_000)
+    remote = tmp_path / "remote.bin"
+    random_file(remote, 300_000)
+    (tmp_path / "remote.bin.tmp-0123456789ab").write_bytes(b"left by a dropped upload")
+
+    async def scenario() -> bool:
+        async with await open_session(sshd) as s:
+            return await s.upload(local, str(remote), sha)
+
+    assert asyncio.run(scenario()) is True
+    assert sha256_file(remote) == sha
+    assert not (tmp_path / "remote.bin.tmp-0123456789ab").exists()
+
+
+def test_a_local_file_rewritten_during_upload_is_refused_and_nothing_is_committed(
+    sshd: SshServer, tmp_path: Path
+) -> None:
+    local = tmp_path / "dataset.jsonl"
+    size = 48 * MiB  # more than the writes in flight: its tail is read well after the first ack
+    sha = random_file(local, size)
+    remote_dir = tmp_path / "remote"
+    remote_dir.mkdir()
+    remote = remote_dir / "dataset.jsonl"
+    rewritten = threading.Event()
+
+    def rewrite_tail_once_the_upload_runs() -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            temps = [p for p in remote_dir.iterdir() if ".tmp-" in p.name]
+            if temps and temps[0].stat().st_size >= MiB:
+                with local.open("r+b") as f:
+                    f.seek(size - MiB)
+                    f.write(b"\0" * MiB)
+                rewritten.set()
+                return
+            time.sleep(0.001)
+
+    # 40 ms RTT through the proxy: the upload takes long enough for the rewrite to land first.
+    with TcpProxy(sshd.host, sshd.port, latency_s=0.02) as slow:
+
+        async def scenario() -> None:
+            async with await open_session(sshd, via(slow, sshd)) as s:
+                watcher = threading.Thread(target=rewrite_tail_once_the_upload_runs)
+                watcher.start()
+                try:
+                    await s.upload(local, str(remote), sha)
+                finally:
+                    await asyncio.to_thread(watcher.join)
+
+        with pytest.raises(IntegrityError, match="changed during upload"):
+            asyncio.run(scenario())
+    assert rewritten.is_set()
+    assert list(remote_dir.iterdir()) == [], "no target, and the temp file was deleted"
+
+
+def test_a_local_file_that_shrinks_during_upload_is_refused(sshd: SshServer, tmp_path: Path) -> None:
+    local = tmp_path / "dataset.jsonl"
+    sha = random_file(local, 48 * MiB)
+    remote_dir = tmp_path / "remote"
+    remote_dir.mkdir()
+
+    def truncate_once_the_upload_runs() -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if any(p.stat().st_size >= MiB for p in remote_dir.iterdir()):
+                os.truncate(local, 40 * MiB)
+                return
+            time.sleep(0.001)
+
+    with TcpProxy(sshd.host, sshd.port, latency_s=0.02) as slow:
+
+        async def scenario() -> None:
+            async with await open_session(sshd, via(slow, sshd)) as s:
+                watcher = threading.Thread(target=truncate_once_the_upload_runs)
+                watcher.start()
+                try:
+                    await s.upload(local, str(remote_dir / "dataset.jsonl"), sha)
+                finally:
+                    await asyncio.to_thread(watcher.join)
+
+        with pytest.raises(IntegrityError, match="shrank"):
+            asyncio.run(scenario())
+    assert list(remote_dir.iterdir()) == []
+
+
+def hasher_processes(temp_name: str) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        if any(temp_name in part for part in proc.info["cmdline"] or []) and running(proc.pid):
+            found.append(proc)
+    return found
+
+
+def test_a_cut_mid_upload_commits_nothing_and_a_retry_succeeds(
+    sshd: SshServer, proxy: TcpProxy, tmp_path: Path
+) -> None:
+    local = tmp_path / "trainer-inputs.tar"
+    size = 32 * MiB
+    sha = random_file(local, size)
+    remote_dir = tmp_path / "remote"
+    remote_dir.mkdir()
+    remote = remote_dir / "inputs.tar"
+    remote.write_bytes(b"the previous version")
+
+    async def first_attempt() -> None:
+        proxy.cut_after(12 * MiB, direction="up")
+        async with await open_session(sshd, via(proxy, sshd)) as s:
+            await s.upload(local, str(remote), sha)
+
+    with pytest.raises(ConnectionLost):
+        asyncio.run(first_attempt())
+    assert remote.read_bytes() == b"the previous version", "nothing was renamed over the target"
+    leftovers = [p.name for p in remote_dir.iterdir() if p.name != "inputs.tar"]
+    assert len(leftovers) == 1 and leftovers[0].startswith("inputs.tar.tmp-")
+    # The remote hasher sees its stdin close without "end" and exits, without hashing the rest.
+    deadline = time.monotonic() + 10
+    while hasher_processes(leftovers[0]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert hasher_processes(leftovers[0]) == []
+
+    async def retry() -> bool:
+        async with await open_session(sshd, via(proxy, sshd)) as s:
+            return await s.upload(local, str(remote), sha)
+
+    assert asyncio.run(retry()) is True
+    assert sha256_file(remote) == sha
+    assert [p.name for p in remote_dir.iterdir()] == ["inputs.tar"], "the retry cleared the dropped temp file"
+
+
+def test_a_host_without_python_verifies_with_sha256sum_after_the_transfer(sshd: SshServer, tmp_path: Path) -> None:
+    local = tmp_path / "dataset.jsonl"
+    sha = random_file(local, 2 * MiB + 3)
+    remote_dir = tmp_path / "remote"
+    remote = remote_dir / "dataset.jsonl"
+    other = remote_dir / "other.jsonl"
+
+    async def scenario() -> tuple[bool, list[str]]:
+        async with await open_session(sshd) as s:
+            s.python_commands = ("mhd-test-no-such-python",)
+            commands = spy_on_commands(s)
+            sent = await s.upload(local, str(remote), sha)
+            with pytest.raises(IntegrityError, match="changed during upload"):
+                await s.upload(local, str(other), "0" * 64)
+            return sent, commands
+
+    sent, commands = asyncio.run(scenario())
+    assert sent is True and sha256_file(remote) == sha
+    assert len(commands) == 2 and all("mv -f" in c for c in commands), "the after-transfer check ran, twice"
+    assert [p.name for p in remote_dir.iterdir()] == ["dataset.jsonl"]
+
+
+def bare_bin(tmp_path: Path, *, python: bool) -> Path:
+    """A PATH for the hasher script: rm, and this interpreter as python3 when ``python``."""
+    bare = tmp_path / "bin"
+    bare.mkdir()
+    (bare / "rm").symlink_to(shutil.which("rm") or "/bin/rm")
+    if python:
+        (bare / "python3").symlink_to(sys.executable)
+    return bare
+
+
+def run_hasher(path_dir: Path, target: Path, temp: Path) -> subprocess.Popen[bytes]:
+    """The upload hasher script, run here as sshd would run it (``python_commands`` as arguments)."""
+    from mhd.remote import ssh as ssh_module
+
+    argv = ["/bin/sh", "-c", ssh_module._UPLOAD_HASHER_SH, "mhd", str(target), str(temp), ssh_module._PY_HASHER]
+    return subprocess.Popen(
+        [*argv, *SshSession.python_commands],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={"PATH": str(path_dir)},
+    )  # fmt: skip
+
+
+def test_the_upload_hasher_never_reads_past_the_prefix_it_was_told(tmp_path: Path) -> None:
+    bare = bare_bin(tmp_path, python=True)
+    target = tmp_path / "model.bin"
+    temp = tmp_path / "model.bin.tmp-00ff00ff00ff"
+    stale = tmp_path / "model.bin.tmp-deadbeefdead"
+    stale.write_bytes(b"old")
+    content = os.urandom(5 * MiB + 77)
+    told = 2 * MiB + 5
+    # Like a transfer in progress: the prefix is written, the rest of the file is still zeros.
+    temp.write_bytes(content[:told] + b"\0" * (len(content) - told))
+    hasher = run_hasher(bare, target, temp)
+    assert hasher.stdin is not None and hasher.stdout is not None
+    hasher.stdin.write(f"{told // 2}\n{told}\n".encode())
+    hasher.stdin.flush()
+    time.sleep(0.5)  # time enough to hash (and, were it wrong, to read the zeros after the prefix)
+    with temp.open("r+b") as f:
+        f.seek(told)
+        f.write(content[told:])
+    out, _err = hasher.communicate(f"{len(content)}\nend\n".encode(), timeout=30)
+    assert hasher.returncode == 0
+    assert out.decode().strip() == hashlib.sha256(content).hexdigest()
+    assert not stale.exists() and temp.exists(), "stale temp files go, the one being written stays"
+
+
+def test_the_upload_hasher_exits_without_hashing_when_the_client_goes_away(tmp_path: Path) -> None:
+    bare = bare_bin(tmp_path, python=True)
+    temp = tmp_path / "t.bin.tmp-1"
+    temp.write_bytes(os.urandom(MiB))
+    hasher = run_hasher(bare, tmp_path / "t.bin", temp)
+    out, _err = hasher.communicate(b"1000\n", timeout=30)  # EOF without "end": a dropped link
+    assert (hasher.returncode, out) == (9, b"")
+    hasher = run_hasher(bare, tmp_path / "t.bin", temp)
+    out, _err = hasher.communicate(f"{2 * MiB}\n".encode(), timeout=30)  # more than the file has
+    assert (hasher.returncode, out) == (8, b"")
+
+
+def test_the_upload_hasher_reports_a_host_without_a_working_python(tmp_path: Path) -> None:
+    from mhd.remote import ssh as ssh_module
+
+    bare = bare_bin(tmp_path, python=False)
+    temp = tmp_path / "t.bin.tmp-1"
+    temp.write_bytes(b"x")
+    (tmp_path / "t.bin.tmp-2").write_bytes(b"stale")
+    hasher = run_hasher(bare, tmp_path / "t.bin", temp)
+    hasher.communicate(b"1\nend\n", timeout=30)
+    assert hasher.returncode == ssh_module._NO_PYTHON
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bin", "t.bin.tmp-1"], "stale temp files still go"
+    (bare / "python3").write_text("#!/bin/sh\necho 'pyenv: python3: command not found' >&2; exit 127\n")
+    (bare / "python3").chmod(0o755)
+    hasher = run_hasher(bare, tmp_path / "t.bin", temp)
+    out, _err = hasher.communicate(b"1\nend\n", timeout=30)
+    assert hasher.returncode != 0 and out == b"", "a broken python fails: upload() falls back to sha256sum"
 
 
 # ---- download -----------------------------------------------------------------------------------
