@@ -571,7 +571,8 @@ class SshSession:
         except Exception:
             await self._remove_quietly(tmp)  # fails fast on a dead link: the next upload's hasher clears it
             raise
-        got = hashed.stdout.strip()
+        # The last line: a chatty login shell (rc files that echo) may have printed before it.
+        got = (hashed.stdout.strip().splitlines() or [""])[-1]
         if hashed.exit_status != 0 or not _SHA256_HEX.match(got):
             # No python on the host (or it failed): hash the whole temp file now, the old way.
             return await self._commit_by_script(local, tmp, remote, want, timeout)

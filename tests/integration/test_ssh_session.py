@@ -11,6 +11,7 @@ import gc
 import hashlib
 import os
 import posixpath
+import shlex
 import shutil
 import subprocess
 import sys
@@ -567,6 +568,26 @@ def test_a_host_without_python_verifies_with_sha256sum_after_the_transfer(sshd: 
     assert sent is True and sha256_file(remote) == sha
     assert len(commands) == 2 and all("mv -f" in c for c in commands), "the after-transfer check ran, twice"
     assert [p.name for p in remote_dir.iterdir()] == ["dataset.jsonl"]
+
+
+def test_output_before_the_digest_does_not_confuse_the_upload_hasher(sshd: SshServer, tmp_path: Path) -> None:
+    # A python that greets first, as a chatty rc file or wrapper on a pod image would.
+    chatty = tmp_path / "chatty-python"
+    chatty.write_text(f"#!/bin/sh\necho 'Welcome to the pod!'\nexec {shlex.quote(sys.executable)} \"$@\"\n")
+    chatty.chmod(0o755)
+    local = tmp_path / "dataset.jsonl"
+    sha = random_file(local, 3 * MiB)
+    remote = tmp_path / "remote" / "dataset.jsonl"
+
+    async def scenario() -> tuple[bool, list[str]]:
+        async with await open_session(sshd) as s:
+            s.python_commands = (str(chatty),)
+            commands = spy_on_commands(s)
+            return await s.upload(local, str(remote), sha), commands
+
+    sent, commands = asyncio.run(scenario())
+    assert sent is True and sha256_file(remote) == sha
+    assert commands == [], "the digest was read after the greeting: no fallback"
 
 
 def bare_bin(tmp_path: Path, *, python: bool) -> Path:
