@@ -47,7 +47,8 @@ from mhd.remote.session import CommandResult, Session
 
 # OpenSSH's sftp-server drops the connection for requests above 255 KiB (measured, issue 3).
 SFTP_BLOCK = 255 * 1024
-# Outstanding SFTP writes during upload: enough to fill a long fat pipe; memory <= 128 blocks of 255 KiB.
+# Outstanding SFTP writes during upload: enough to fill a long fat pipe. Memory: 128 blocks of
+# 255 KiB (32 MiB) and asyncssh's packet copies of them; RSS rose ~100 MiB at most (measured).
 UPLOAD_MAX_REQUESTS = 128
 # Outstanding SFTP reads during download. This window bounds the memory a download uses
 # (≈ 8 MiB of blocks in flight) whatever the file size, and still keeps a WAN link busy.
