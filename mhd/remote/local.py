@@ -184,5 +184,8 @@ class LocalSession:
         os.chmod(tmp, mode)
         os.replace(tmp, path)
 
+    async def realpath(self, path: str) -> str:
+        return os.path.realpath(path)  # non-strict: a missing tail is kept, like `realpath -m`
+
     async def close(self) -> None:
         return None

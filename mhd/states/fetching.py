@@ -28,7 +28,7 @@ from typing import Any
 
 from mhd.errors import InsufficientDisk, IntegrityError, JobFailed
 from mhd.remote.job import RemoteJob
-from mhd.remote.ssh import resolve_manifest_path, validate_manifest_path
+from mhd.remote.paths import resolve_manifest_path, validate_manifest_path
 from mhd.states.context import RunContext
 from mhd.states.machine import RunMachine
 from mhd.store import Run, now
