@@ -110,23 +110,33 @@ _UPLOAD_COMMIT_SH = (
 # sequentially, never past what the client says is complete: each stdin line is a byte count N
 # ("the first N bytes are written", i.e. acknowledged by the SFTP server) or "end" (the client is
 # done: hash to the end of the file, print the sha256). EOF without "end" means the client went
-# away: exit without hashing the rest. The file is opened at the first line (it exists by then),
-# unbuffered: a buffered reader would read ahead past the prefix and keep bytes not yet written.
-# Runs under python 2 as well.
+# away: exit without hashing the rest. The file is opened at the first line (it exists by then).
+# It reads through mmap: a read() copy of pages the SFTP server has just written cost 3x the
+# kernel time and slowed the transfer beside it (1 GiB on 2 cores: 2.0 s vs 2.2 s); pread where a
+# file system cannot map. Python 3 only: a python 2 fails, and upload() falls back.
 _PY_HASHER = (
-    "import hashlib,sys\n"
-    "src=getattr(sys.stdin,'buffer',sys.stdin)\n"
-    "h=hashlib.sha256();f=None;pos=0\n"
-    "for line in iter(src.readline,b''):\n"
-    "    f=f or open(sys.argv[1],'rb',0)\n"
-    "    last=line.strip()==b'end'\n"
-    "    upto=-1 if last else int(line)\n"
-    "    while last or pos<upto:\n"
-    "        b=f.read(1<<20 if last else min(1<<20,upto-pos))\n"
-    "        if not b: break\n"
+    "import hashlib,mmap,os,sys\n"
+    "h=hashlib.sha256();fd=None;pos=0;fast=True\n"
+    "def upto(end):\n"
+    "    global pos,fast\n"
+    "    if fast and end>pos:\n"
+    "        at=pos-pos%mmap.ALLOCATIONGRANULARITY\n"
+    "        try: m=mmap.mmap(fd,end-at,access=mmap.ACCESS_READ,offset=at)\n"
+    "        except (OSError,ValueError): fast=False\n"
+    "        else:\n"
+    "            v=memoryview(m)\n"
+    "            for i in range(pos-at,end-at,1<<20): h.update(v[i:min(i+(1<<20),end-at)])\n"
+    "            v.release();m.close();pos=end\n"
+    "    while pos<end:\n"
+    "        b=os.pread(fd,min(1<<20,end-pos),pos)\n"
+    "        if not b: sys.exit(8)\n"
     "        h.update(b);pos+=len(b)\n"
-    "    if last: print(h.hexdigest()); sys.exit(0)\n"
-    "    if pos<upto: sys.exit(8)\n"
+    "for line in iter(sys.stdin.buffer.readline,b''):\n"
+    "    if fd is None: fd=os.open(sys.argv[1],os.O_RDONLY)\n"
+    "    size=os.fstat(fd).st_size\n"
+    "    if line.strip()==b'end': upto(size);print(h.hexdigest());sys.exit(0)\n"
+    "    if int(line)>size: sys.exit(8)\n"
+    "    upto(int(line))\n"
     "sys.exit(9)\n"
 )
 _NO_PYTHON = 5  # the hasher script found no working python
@@ -139,8 +149,11 @@ _UPLOAD_HASHER_SH = (
     'for py in "$@"; do command -v "$py" >/dev/null 2>&1 && exec "$py" -c "$PY" "$tmp"; done; '
     f"exit {_NO_PYTHON}"
 )
-# How often (in bytes of acknowledged prefix) the client tells the hasher how far it may read.
-HASH_FEED_STEP = 8 << 20
+# How often (in bytes of acknowledged prefix) the client tells the hasher how far it may read. Fewer,
+# larger bites disturb the transfer less where the host's CPUs are busy with it (1 GiB on 2 cores,
+# both ends: 2.2 s with 8 MiB, 2.1 s with 32, 2.0 s with 64); the last bite is hashed after the
+# transfer, ~35 ms for 64 MiB.
+HASH_FEED_STEP = 64 << 20
 # Remote hashing may take this long per byte on top of a command's timeout (a slow pod disk).
 _HASH_S_PER_BYTE = 1 / (20 << 20)
 
@@ -431,8 +444,9 @@ class SshSession:
     """The ``Session`` protocol over one asyncssh connection (one lazily opened SFTP channel)."""
 
     # The pythons the upload hasher tries on the host, in order (a test swaps in names that exist
-    # nowhere to see the fallback for hosts without python).
-    python_commands: tuple[str, ...] = ("python3", "python")
+    # nowhere to see the fallback for hosts without python). The system python first: it starts
+    # without a version manager's shim (pyenv's costs 70 ms of CPU, on the host, per upload).
+    python_commands: tuple[str, ...] = ("/usr/bin/python3", "python3", "python")
 
     def __init__(self, conn: asyncssh.SSHClientConnection, endpoint: Endpoint, host_key: str) -> None:
         self._conn = conn

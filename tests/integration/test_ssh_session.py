@@ -387,7 +387,7 @@ def spy_on_commands(session: SshSession) -> list[str]:
 
 def test_upload_hashes_an_odd_sized_multi_block_file_while_sending_it(sshd: SshServer, tmp_path: Path) -> None:
     local = tmp_path / "adapter.bin"
-    size = 3 * HASH_FEED_STEP + 5 * SFTP_BLOCK + 12_345  # several hasher steps, a partial last block
+    size = 2 * HASH_FEED_STEP + 5 * SFTP_BLOCK + 12_345  # several hasher steps, a partial last block
     sha = random_file(local, size)
     remote = tmp_path / "remote" / "deep" / "er" / "adapter.bin"  # directories made on the way
 
@@ -642,12 +642,12 @@ def bare_bin(tmp_path: Path, *, python: bool) -> Path:
 
 
 def run_hasher(path_dir: Path, target: Path, temp: Path) -> subprocess.Popen[bytes]:
-    """The upload hasher script, run here as sshd would run it (``python_commands`` as arguments)."""
+    """The upload hasher script, run here as sshd would run it, with pythons looked up in ``path_dir``."""
     from mhd.remote import ssh as ssh_module
 
     argv = ["/bin/sh", "-c", ssh_module._UPLOAD_HASHER_SH, "mhd", str(target), str(temp), ssh_module._PY_HASHER]
     return subprocess.Popen(
-        [*argv, *SshSession.python_commands],
+        [*argv, "python3", "python"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={"PATH": str(path_dir)},
     )  # fmt: skip
 
@@ -674,6 +674,21 @@ def test_the_upload_hasher_never_reads_past_the_prefix_it_was_told(tmp_path: Pat
     assert hasher.returncode == 0
     assert out.decode().strip() == hashlib.sha256(content).hexdigest()
     assert not stale.exists() and temp.exists(), "stale temp files go, the one being written stays"
+
+
+def test_the_upload_hasher_reads_files_it_cannot_map(tmp_path: Path) -> None:
+    from mhd.remote import ssh as ssh_module
+
+    # As on a file system without mmap support: mmap.mmap refuses, the hasher reads with pread.
+    refuse = "import errno,mmap\ndef refuse(*a,**k): raise OSError(errno.ENODEV,'no mmap here')\nmmap.mmap=refuse\n"
+    temp = tmp_path / "t.bin.tmp-1"
+    content = os.urandom(3 * MiB + 4097)
+    temp.write_bytes(content)
+    hasher = subprocess.run(
+        [sys.executable, "-c", refuse + ssh_module._PY_HASHER, str(temp)],
+        input=f"{MiB + 1}\n{2 * MiB}\nend\n".encode(), capture_output=True, timeout=30,
+    )  # fmt: skip
+    assert (hasher.returncode, hasher.stdout.decode().strip()) == (0, hashlib.sha256(content).hexdigest())
 
 
 def test_the_upload_hasher_exits_without_hashing_when_the_client_goes_away(tmp_path: Path) -> None:
