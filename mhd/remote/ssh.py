@@ -43,7 +43,7 @@ from asyncssh.public_key import get_default_public_key_algs
 from mhd.errors import ConnectionLost, HostKeyMismatch, IntegrityError, MhdError, RemoteError
 from mhd.hashing import sha256_file
 from mhd.remote.provider import Endpoint
-from mhd.remote.session import CommandResult, Session
+from mhd.remote.session import CommandResult
 
 # OpenSSH's sftp-server drops the connection for requests above 255 KiB (measured, issue 3).
 SFTP_BLOCK = 255 * 1024
@@ -845,58 +845,3 @@ class SshSession:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.close()
-
-
-# ---- manifest paths -----------------------------------------------------------------------------
-
-
-def validate_manifest_path(rel: str) -> str:
-    """A manifest's file name, checked and normalised (``"./a//b"`` → ``"a/b"``).
-
-    Rejected with IntegrityError: empty, absolute, any ``..`` component, backslashes, NUL or other
-    control characters. What is returned can be joined under a run dir on either side safely
-    (symlinks on the remote aside: see :func:`resolve_manifest_path`).
-    """
-    if not isinstance(rel, str) or not rel:
-        raise IntegrityError("manifest lists an empty file name; the manifest is corrupt")
-    shown = repr(rel)[:120]
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in rel):
-        raise IntegrityError(f"manifest file name {shown} contains control characters (NUL, newline, …)")
-    if "\\" in rel:
-        raise IntegrityError(f"manifest file name {shown} contains a backslash; only POSIX relative paths are allowed")
-    if rel.startswith(("/", "~")):
-        raise IntegrityError(f"manifest file name {shown} is absolute; only paths inside the run dir are allowed")
-    parts = [p for p in rel.split("/") if p not in ("", ".")]
-    if ".." in parts:
-        raise IntegrityError(f"manifest file name {shown} climbs out with '..'")
-    if not parts:
-        raise IntegrityError(f"manifest file name {shown} names the run dir itself, not a file")
-    return "/".join(parts)
-
-
-async def remote_realpath_inside(session: Session, root: str, rel: str) -> bool:
-    """Whether ``root/rel`` on the host, symlinks resolved, stays inside ``root``.
-
-    Uses SFTP realpath on an :class:`SshSession`, ``realpath -m`` through ``run`` otherwise.
-    """
-    rel = validate_manifest_path(rel)
-    root_real = await _realpath(session, root)
-    target = await _realpath(session, posixpath.join(root, rel))
-    return target == root_real or target.startswith(root_real.rstrip("/") + "/")
-
-
-async def resolve_manifest_path(session: Session, root: str, rel: str) -> str:
-    """``root/rel`` after :func:`validate_manifest_path` and the symlink check, else IntegrityError."""
-    clean = validate_manifest_path(rel)
-    if not await remote_realpath_inside(session, root, clean):
-        raise IntegrityError(f"manifest file {clean!r} resolves outside the run dir {root} (symlink); refusing it")
-    return posixpath.join(root, clean)
-
-
-async def _realpath(session: Session, path: str) -> str:
-    if isinstance(session, SshSession):
-        return await session.realpath(path)
-    result = await session.run(f"realpath -m -- {shlex.quote(path)}")
-    if result.exit_status != 0:
-        raise RemoteError(f"cannot resolve {path}: {result.stderr.strip()[:200]}")
-    return result.stdout.strip()

@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 
 from mhd.errors import ConnectionLost, HostKeyMismatch, IntegrityError, RemoteError
 from mhd.hashing import sha256_file
+from mhd.remote.paths import remote_realpath_inside, resolve_manifest_path, validate_manifest_path
 from mhd.remote.provider import Endpoint
 from mhd.remote.session import CommandResult, Session
 from mhd.remote.ssh import (
@@ -36,9 +37,6 @@ from mhd.remote.ssh import (
     connect,
     host_key_fingerprint,
     pinned_key_from_known_hosts,
-    remote_realpath_inside,
-    resolve_manifest_path,
-    validate_manifest_path,
 )
 from tests.support.files import random_file
 from tests.support.sshd import SshServer, free_port
