@@ -16,8 +16,8 @@ Methods, each timed end to end as the daemon (or the seed) would pay for it:
            what the remote sha256 verification and in-order hashing cost
   base64   the seed's way: ``base64 file | ssh host 'base64 -d > dst'`` and the reverse
 
-It also runs one SshSession download of ``--rss-mib`` (1 GiB) in a fresh child process and
-reports how far its RSS rose above the same process idling on an open connection.
+It also runs one SshSession download and then upload of ``--rss-mib`` (1 GiB) in a fresh child
+process and reports how far its RSS rose above the same process idling on an open connection.
 
 Prints a table (MiB/s and ratio to scp) and writes benchmarks/out/transfer.json.
 """
@@ -200,7 +200,7 @@ class Bench:
 
 
 async def rss_child(args: argparse.Namespace) -> None:
-    """Child mode: connect, idle, then download; print idle and peak RSS as JSON."""
+    """Child mode: connect, idle, download, idle, upload; print idle and peak RSS of each as JSON."""
     me = psutil.Process()
     session, _ = await connect(
         Endpoint(args.host, args.port, args.user),
@@ -210,9 +210,8 @@ async def rss_child(args: argparse.Namespace) -> None:
         keepalive_count_max=4,
         deadline_s=20,
     )
-    async with session:
-        await session.run("true")
-        await session.read_from(args.remote, 0, 1)  # SFTP channel open: idle means "ready to go"
+
+    async def peak_during(transfer: Any) -> dict[str, float]:
         gc.collect()
         await asyncio.sleep(0.5)
         idle = me.memory_info().rss
@@ -229,15 +228,21 @@ async def rss_child(args: argparse.Namespace) -> None:
         sampler.start()
         started = time.perf_counter()
         try:
-            sent = await session.download(args.remote, Path(args.local), args.sha, args.size)
+            await transfer
         finally:
             done.set()
             sampler.join()
-        seconds = time.perf_counter() - started
-    print(json.dumps({"idle_rss": idle, "peak_rss": peak, "bytes": sent, "seconds": seconds}))
+        return {"idle_rss": idle, "peak_rss": peak, "seconds": time.perf_counter() - started}
+
+    async with session:
+        await session.run("true")
+        await session.read_from(args.remote, 0, 1)  # SFTP channel open: idle means "ready to go"
+        down = await peak_during(session.download(args.remote, Path(args.local), args.sha, args.size))
+        up = await peak_during(session.upload(Path(args.local), args.remote + ".up", args.sha))
+    print(json.dumps({"download": down, "upload": up}))
 
 
-def measure_rss(server: SshServer, endpoint: Endpoint, work: Path, size: int) -> dict[str, Any]:
+def measure_rss(server: SshServer, endpoint: Endpoint, work: Path, size: int) -> list[dict[str, Any]]:
     remote = work / "rss-src.bin"
     local = work / "rss-dst.bin"
     sha = random_file(remote, size)
@@ -252,16 +257,17 @@ def measure_rss(server: SshServer, endpoint: Endpoint, work: Path, size: int) ->
             check=True, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent,
         )  # fmt: skip
     finally:
-        remote.unlink(missing_ok=True)
-        local.unlink(missing_ok=True)
+        for f in (remote, local, work / "rss-src.bin.up"):
+            f.unlink(missing_ok=True)
     data = json.loads(out.stdout.strip().splitlines()[-1])
-    return {
+    return [{
+        "direction": direction,
         "size_mib": size // MiB,
-        "idle_rss_mib": round(data["idle_rss"] / MiB, 1),
-        "peak_rss_mib": round(data["peak_rss"] / MiB, 1),
-        "delta_mib": round((data["peak_rss"] - data["idle_rss"]) / MiB, 1),
-        "mib_s": round(size / MiB / data["seconds"], 1),
-    }
+        "idle_rss_mib": round(d["idle_rss"] / MiB, 1),
+        "peak_rss_mib": round(d["peak_rss"] / MiB, 1),
+        "delta_mib": round((d["peak_rss"] - d["idle_rss"]) / MiB, 1),
+        "mib_s": round(size / MiB / d["seconds"], 1),
+    } for direction, d in data.items()]
 
 
 # ---- main ----------------------------------------------------------------------------------------
@@ -293,10 +299,10 @@ async def main(args: argparse.Namespace) -> None:
         finally:
             if proxy is not None:
                 proxy.stop()
-    if rss:
+    for r in rss or []:
         print(
-            f"\nSshSession download of {rss['size_mib']} MiB: RSS idle {rss['idle_rss_mib']} MiB, "
-            f"peak {rss['peak_rss_mib']} MiB, delta {rss['delta_mib']} MiB ({rss['mib_s']} MiB/s)"
+            f"SshSession {r['direction']} of {r['size_mib']} MiB: RSS idle {r['idle_rss_mib']} MiB, "
+            f"peak {r['peak_rss_mib']} MiB, delta {r['delta_mib']} MiB ({r['mib_s']} MiB/s)"
         )
     sshd_v = subprocess.run(["/usr/sbin/sshd", "-V"], capture_output=True, text=True).stderr.strip()
     report = {
@@ -319,7 +325,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--size-mib", type=int, default=256)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--rtt-ms", type=float, default=0.0, help="route through a proxy adding this RTT")
-    p.add_argument("--rss-mib", type=int, default=1024, help="size of the RSS download (0 = skip)")
+    p.add_argument("--rss-mib", type=int, default=1024, help="size of the RSS download and upload (0 = skip)")
     p.add_argument("--workdir", default=None, help="where the test files go (default: system temp)")
     p.add_argument("--out", type=Path, default=OUT)
     # Child mode for the RSS measurement (internal).

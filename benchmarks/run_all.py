@@ -160,15 +160,22 @@ def transfer_section(res: dict[str, Any] | None) -> list[str]:
         verdict = _verdict(ratio >= 1.0) if is_mhd and ratio is not None else "info"
         lines.append(f"| {r.get('size_mib')} MiB | {r.get('direction')} | {r.get('method')} | "
                      f"{r.get('mib_s')} | {ratio if ratio is not None else '—'} | {goal} | {verdict} |")
-    if rss := rep.get("rss"):
-        delta = rss.get("delta_mib")
-        lines += ["", "| what | measured | goal | result |", "|---|---|---|---|",
-                  f"| peak RSS while downloading {rss.get('size_mib')} MiB (SshSession in a fresh process) | "
-                  f"idle {rss.get('idle_rss_mib')} MiB → peak {rss.get('peak_rss_mib')} MiB, +{delta} MiB "
-                  f"({rss.get('mib_s')} MiB/s) | + < 50 MB | "
-                  f"{_verdict(delta * MiB_TO_MB < 50) if delta is not None else 'info'} |"]
+    if rss := _rss_rows(rep):
+        lines += ["", "| what | measured | goal | result |", "|---|---|---|---|"]
+        for r in rss:
+            delta = r.get("delta_mib")
+            lines.append(
+                f"| peak RSS while {r.get('direction', 'download')}ing {r.get('size_mib')} MiB (SshSession in a "
+                f"fresh process) | idle {r.get('idle_rss_mib')} MiB → peak {r.get('peak_rss_mib')} MiB, +{delta} MiB "
+                f"({r.get('mib_s')} MiB/s) | + < 50 MB | "
+                f"{_verdict(delta * MiB_TO_MB < 50) if delta is not None else 'info'} |")
     return [*lines, ""]
 
+
+
+def _rss_rows(rep: dict[str, Any]) -> list[dict[str, Any]]:
+    rss = rep.get("rss") or []
+    return [rss] if isinstance(rss, dict) else list(rss)  # one dict: a report from before uploads were measured
 
 
 def not_met(daemon: dict[str, Any], transfer: dict[str, Any] | None) -> list[str]:
@@ -181,9 +188,10 @@ def not_met(daemon: dict[str, Any], transfer: dict[str, Any] | None) -> list[str
         for r in _transfer_rows(rep):
             if r.get("method") == "mhd" and r.get("ratio_vs_scp") is not None and r["ratio_vs_scp"] < 1.0:
                 out.append(f"- {r['direction']} {r['size_mib']} MiB: {r['ratio_vs_scp']}x scp (goal ≥ 1.0x)")
-        rss = rep.get("rss") or {}
-        if rss.get("delta_mib") is not None and rss["delta_mib"] * MiB_TO_MB >= 50:
-            out.append(f"- RSS while transferring: +{rss['delta_mib']} MiB (goal + < 50 MB)")
+        for r in _rss_rows(rep):
+            if r.get("delta_mib") is not None and r["delta_mib"] * MiB_TO_MB >= 50:
+                out.append(f"- RSS while {r.get('direction', 'download')}ing {r.get('size_mib')} MiB: "
+                           f"+{r['delta_mib']} MiB (goal + < 50 MB)")
     return out
 
 
