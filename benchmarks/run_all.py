@@ -243,7 +243,8 @@ def write_results(mach: dict[str, Any], daemon: dict[str, Any], transfer: dict[s
         "polled every ~1 ms until `pending_memories` grows; a write not counted within 5 s is a miss.",
         "- Rescan: `start→ready` is from spawning `mhd daemon` to its first answer on the socket; the row "
         "subtracts the same time for a daemon watching 63 files. Cold = empty `memory_files` cache in the DB "
-        "(the files themselves are read once just before, so that they are in the page cache). The in-process breakdown times MemoryIndex's own "
+        "(the files themselves are read once just before, so that they are in the page cache). "
+        "The in-process breakdown times MemoryIndex's own "
         "steps on a real Store (`--profile` writes cProfile files to benchmarks/out/).",
         "- The 100k corpus (benchmarks/out/corpus-100k/, generated once from the committed examples: "
         "every type and folder layout; ~3 % rejects: no consent, negative feedback, truncated, encrypted) spreads "
