@@ -37,7 +37,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -93,30 +93,36 @@ class Bench:
         self,
         size: int,
         direction: str,
-        method: str,
-        run: Callable[[], Awaitable[None]],
+        methods: Sequence[tuple[str, Callable[[], Awaitable[None]]]],
         reset: Callable[[], None],
         check: Callable[[], bool],
     ) -> None:
-        times = []
+        """Time each method ``repeat`` times, the methods taking turns within each round.
+
+        Turns, not one method's repeats in a row: the machine's speed drifts (other load, page
+        cache, CPU clocks), and each ratio to scp should compare neighbours in time.
+        """
+        times: dict[str, list[float]] = {method: [] for method, _ in methods}
         for _ in range(self.repeat):
-            reset()
-            started = time.perf_counter()
-            await run()
-            times.append(time.perf_counter() - started)
-            if not check():
-                raise SystemExit(f"{method} {direction} produced a wrong file")
-        median = statistics.median(times)
-        row = {
-            "size_mib": size // MiB,
-            "direction": direction,
-            "method": method,
-            "seconds_median": round(median, 3),
-            "seconds_all": [round(t, 3) for t in times],
-            "mib_s": round(size / MiB / median, 1),
-        }
-        self.rows.append(row)
-        print(f"  {size // MiB:>5} MiB {direction:<8} {method:<7} {row['mib_s']:>8.1f} MiB/s", flush=True)
+            for method, run in methods:
+                reset()
+                started = time.perf_counter()
+                await run()
+                times[method].append(time.perf_counter() - started)
+                if not check():
+                    raise SystemExit(f"{method} {direction} produced a wrong file")
+        for method, _ in methods:
+            median = statistics.median(times[method])
+            row = {
+                "size_mib": size // MiB,
+                "direction": direction,
+                "method": method,
+                "seconds_median": round(median, 3),
+                "seconds_all": [round(t, 3) for t in times[method]],
+                "mib_s": round(size / MiB / median, 1),
+            }
+            self.rows.append(row)
+            print(f"  {size // MiB:>5} MiB {direction:<8} {method:<7} {row['mib_s']:>8.1f} MiB/s", flush=True)
 
     # -- one size ---------------------------------------------------------------------------------
 
@@ -187,8 +193,7 @@ class Bench:
                     local_ok,
                 ),
             ):
-                for method, run in methods:
-                    await self.measure(size, direction, method, run, reset, check)
+                await self.measure(size, direction, methods, reset, check)
         finally:
             await session.close()
             remote_dst.unlink(missing_ok=True)

@@ -34,7 +34,7 @@ RESULTS = REPO / "benchmarks" / "RESULTS.md"
 MiB_TO_MB = 1.048576
 
 # bench_transfer's arguments: the 256 MiB and 1 GiB sizes within the time budget.
-TRANSFER_ARGS = ["--big", "--repeat", "1"]
+TRANSFER_ARGS = ["--big", "--repeat", "3"]
 TRANSFER_ARGS_QUICK = ["--size-mib", "64", "--repeat", "1", "--rss-mib", "256"]
 
 
@@ -150,7 +150,8 @@ def transfer_section(res: dict[str, Any] | None) -> list[str]:
         return [*lines, f"Not measured: {res.get('error')}.", ""]
     rep = res["report"]
     lines += [f"Loopback sshd (OpenSSH, started by the benchmark), added RTT {rep.get('rtt_ms_added', 0)} ms, "
-              f"{rep.get('repeat', '?')} repeat(s) each (median); {res['seconds']:.0f} s. Raw figures: "
+              f"{rep.get('repeat', '?')} round(s), the methods taking turns within each round (median); "
+              f"{res['seconds']:.0f} s. Raw figures: "
               "`benchmarks/out/transfer.json`.", "",
               "| size | direction | method | MiB/s | x scp | goal | result |", "|---|---|---|---|---|---|---|"]
     for r in _transfer_rows(rep):
