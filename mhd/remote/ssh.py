@@ -348,6 +348,12 @@ def _sh(script: str, *args: str) -> str:
     return " ".join(["sh", "-c", shlex.quote(script), "mhd", *(shlex.quote(a) for a in args)])
 
 
+def _last_line(output: str) -> str:
+    # A digest is the last line: a chatty login shell or python wrapper (rc files that echo, a
+    # pod image's banner) may have printed before it.
+    return (output.strip().splitlines() or [""])[-1].strip()
+
+
 def _short(command: str, limit: int = 80) -> str:
     line = " ".join(command.split())
     return line if len(line) <= limit else line[: limit - 1] + "…"
@@ -541,7 +547,7 @@ class SshSession:
             return None
         if result.exit_status == _SHA_NO_TOOL:
             raise RemoteError(f"{self._where} has neither sha256sum nor python; install coreutils or python3")
-        digest = result.stdout.strip()
+        digest = _last_line(result.stdout)
         if result.exit_status != 0 or not _SHA256_HEX.match(digest):
             raise RemoteError(
                 f"{what} on {self._where} failed (exit {result.exit_status}): {result.stderr.strip()[:200]}"
@@ -587,8 +593,7 @@ class SshSession:
         except Exception:
             await self._remove_quietly(tmp)  # fails fast on a dead link: the next upload's hasher clears it
             raise
-        # The last line: a chatty login shell (rc files that echo) may have printed before it.
-        got = (hashed.stdout.strip().splitlines() or [""])[-1]
+        got = _last_line(hashed.stdout)
         if hashed.exit_status != 0 or not _SHA256_HEX.match(got):
             # No python on the host (or it failed): hash the whole temp file now, the old way.
             return await self._commit_by_script(local, tmp, remote, want, timeout)

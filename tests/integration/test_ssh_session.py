@@ -1054,3 +1054,17 @@ def test_remote_hashing_uses_python_or_coreutils_whichever_the_host_has(tmp_path
     (bare / "python3").unlink()
     (bare / "python3").symlink_to(sys.executable)
     assert hash_with_path_of(bare) == (0, sha)
+
+
+def test_remote_hash_answers_are_read_from_their_last_line(sshd: SshServer) -> None:
+    digest = "ab" * 32
+
+    async def scenario() -> tuple[str | None, str]:
+        async with await open_session(sshd) as s:
+            chatty = s._digest(CommandResult(0, f"Welcome to the pod!\n{digest}\n", ""), "hashing x")
+            with pytest.raises(RemoteError, match=r"hashing y on .* failed"):
+                s._digest(CommandResult(0, f"{digest}\nthen something else\n", ""), "hashing y")
+            return chatty, digest
+
+    got, want = asyncio.run(scenario())
+    assert got == want
