@@ -252,15 +252,20 @@ class Watcher:
                 elif kind == "dirgone":
                     self.index.remove_tree(path)
                 elif kind == "dir":
-                    for p in iter_memory_files(Path(path)):
+                    for i, p in enumerate(iter_memory_files(Path(path)), 1):
                         if self.index.update(str(p)):
                             self._retry_later(str(p))
+                        if i % 64 == 0:
+                            await asyncio.sleep(0)
                 elif self.index.update(path):
                     self._retry_later(path)
             except Exception:
                 log.exception("watcher: could not handle %s %s", kind, path)
             if self.queue.empty():
                 self.on_change()
+            else:
+                # A burst (10k files copied in: ~0.4 ms each) must not keep `mhd status` waiting.
+                await asyncio.sleep(0)
 
     async def stop(self) -> None:
         if self.observer is not None:
