@@ -32,6 +32,7 @@ import secrets
 import shlex
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -54,6 +55,8 @@ UPLOAD_MAX_REQUESTS = 32
 # Outstanding SFTP reads during download. This window bounds the memory a download uses
 # (≈ 8 MiB of blocks in flight) whatever the file size, and still keeps a WAN link busy.
 DOWNLOAD_WINDOW = 32
+# Received bytes handed to the writer/hasher thread at a time (one batch queued, one being written).
+SINK_BATCH = 4 << 20
 # Receive window of our SSH channels. OpenSSH's (and asyncssh's) 2 MiB caps a download at
 # 2 MiB per round trip (20 MiB/s at 100 ms to a far-away pod); 8 MiB matches what the SFTP
 # read window above keeps in flight. Memory is still bounded by the reads we ask for.
@@ -738,34 +741,74 @@ class SshSession:
 
         Up to DOWNLOAD_WINDOW block reads are in flight; blocks are written strictly in offset
         order, so after any interruption ``part`` is an exact prefix of the remote file.
+        Writing and hashing (both release the GIL) run on one worker thread, a batch of blocks
+        at a time, while this loop goes on receiving: the sha256 is off the transfer's path.
         """
+        loop = asyncio.get_running_loop()
         pending: deque[tuple[int, asyncio.Future[bytes]]] = deque()
+        batch: list[bytes] = []
+        batched = 0
+        sink: asyncio.Future[None] | None = None
+        failed = False
+        shrank = False
         offset = start
         sent = 0
-        try:
-            with part.open("ab") as out:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mhd-fetch") as worker, part.open("ab") as out:
+
+            def write(blocks: list[bytes]) -> None:
+                nonlocal failed
+                if failed:  # after a failed write (disk full), none after it: part stays a prefix
+                    return
+                try:
+                    for block in blocks:
+                        out.write(block)
+                        hasher.update(block)
+                except BaseException:
+                    failed = True
+                    raise
+
+            async def flush() -> None:
+                nonlocal sink, batch, batched
+                if sink is not None:
+                    await sink  # one batch at a time: memory stays bounded
+                sink = loop.run_in_executor(worker, write, batch) if batch else None
+                batch, batched = [], 0
+
+            try:
                 while True:
                     while offset < end and len(pending) < DOWNLOAD_WINDOW:
                         n = min(SFTP_BLOCK, end - offset)
                         pending.append((n, asyncio.ensure_future(remote_file.read(n, offset))))
                         offset += n
                     if not pending:
-                        return sent
+                        break
                     n, future = pending.popleft()
                     with self._boundary(what):
                         data = await future
                     if len(data) != n:
-                        out.close()
-                        part.unlink(missing_ok=True)
-                        raise IntegrityError(f"{self._where}: {what} ended early; the remote file shrank mid-transfer")
-                    out.write(data)
-                    hasher.update(data)
+                        shrank = True
+                        break
+                    batch.append(data)
+                    batched += n
                     sent += n
-        finally:
-            for _, future in pending:
-                future.cancel()
-            if pending:
-                await asyncio.gather(*(f for _, f in pending), return_exceptions=True)
+                    if batched >= SINK_BATCH:
+                        await flush()
+            finally:
+                for _, future in pending:
+                    future.cancel()
+                if pending:
+                    await asyncio.gather(*(f for _, f in pending), return_exceptions=True)
+                # What was received goes to disk even after an error: a longer prefix to resume.
+                errors: list[BaseException | None] = list(await asyncio.gather(flush(), return_exceptions=True))
+                if sink is not None:
+                    errors += await asyncio.gather(sink, return_exceptions=True)
+            for error in errors:
+                if isinstance(error, BaseException):
+                    raise error
+        if shrank:
+            part.unlink(missing_ok=True)
+            raise IntegrityError(f"{self._where}: {what} ended early; the remote file shrank mid-transfer")
+        return sent
 
     async def read_from(self, remote: str, offset: int, limit: int = 1 << 20) -> bytes:
         """Bytes of ``remote`` from ``offset`` (b"" if the file does not exist yet)."""
