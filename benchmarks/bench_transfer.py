@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import json
 import os
 import platform
@@ -35,19 +34,18 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import asyncssh
-import psutil
 
 from mhd.hashing import sha256_file
 from mhd.remote.provider import Endpoint
 from mhd.remote.ssh import SFTP_BLOCK, UPLOAD_MAX_REQUESTS, SshSession, connect
 from tests.support.files import random_file
+from tests.support.rss import rss_peak_during
 from tests.support.sshd import SshServer
 from tests.support.tcpproxy import TcpProxy
 
@@ -206,7 +204,6 @@ class Bench:
 
 async def rss_child(args: argparse.Namespace) -> None:
     """Child mode: connect, idle, download, idle, upload; print idle and peak RSS of each as JSON."""
-    me = psutil.Process()
     session, _ = await connect(
         Endpoint(args.host, args.port, args.user),
         key_file=Path(args.key),
@@ -217,27 +214,8 @@ async def rss_child(args: argparse.Namespace) -> None:
     )
 
     async def peak_during(transfer: Any) -> dict[str, float]:
-        gc.collect()
-        await asyncio.sleep(0.5)
-        idle = me.memory_info().rss
-        peak = idle
-        done = threading.Event()
-
-        def sample() -> None:
-            nonlocal peak
-            while not done.is_set():
-                peak = max(peak, me.memory_info().rss)
-                time.sleep(0.002)
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        started = time.perf_counter()
-        try:
-            await transfer
-        finally:
-            done.set()
-            sampler.join()
-        return {"idle_rss": idle, "peak_rss": peak, "seconds": time.perf_counter() - started}
+        got = await rss_peak_during(transfer, settle_s=0.5)
+        return {"idle_rss": got.idle, "peak_rss": got.peak, "seconds": got.seconds}
 
     async with session:
         await session.run("true")

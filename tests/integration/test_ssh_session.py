@@ -7,7 +7,6 @@ file-system calls. Every test runs its own event loop (``asyncio.run``).
 from __future__ import annotations
 
 import asyncio
-import gc
 import hashlib
 import os
 import posixpath
@@ -39,6 +38,7 @@ from mhd.remote.ssh import (
     pinned_key_from_known_hosts,
 )
 from tests.support.files import random_file
+from tests.support.rss import RssPeak, rss_peak_during
 from tests.support.sshd import SshServer, free_port
 from tests.support.tcpproxy import TcpProxy
 
@@ -593,35 +593,14 @@ def test_upload_memory_does_not_grow_with_file_size(sshd: SshServer, tmp_path: P
     local = tmp_path / "merged.gguf"
     sha = random_file(local, size)
     remote = tmp_path / "remote.gguf"
-    me = psutil.Process()
-    peak = 0
-    stop = threading.Event()
 
-    def sample() -> None:
-        nonlocal peak
-        while not stop.is_set():
-            peak = max(peak, me.memory_info().rss)
-            time.sleep(0.005)
-
-    async def scenario() -> int:
+    async def scenario() -> RssPeak:
         async with await open_session(sshd) as s:
             await s.run("true")  # warm up: SFTP/crypto buffers are not what we measure
             await s.read_from(str(local), 0, 1)
-            gc.collect()
-            nonlocal peak
-            baseline = me.memory_info().rss
-            peak = baseline
-            sampler = threading.Thread(target=sample, daemon=True)
-            sampler.start()
-            try:
-                assert await s.upload(local, str(remote), sha)
-            finally:
-                stop.set()
-                sampler.join()
-            return baseline
+            return await rss_peak_during(s.upload(local, str(remote), sha))
 
-    baseline = asyncio.run(scenario())
-    growth = peak - baseline
+    growth = asyncio.run(scenario()).growth
     assert sha256_file(remote) == sha
     # UPLOAD_MAX_REQUESTS blocks in flight (8 MiB) and asyncssh's packet copies of them: about
     # 26 MiB measured; reading the whole file would be 256 MiB. Issue 6's bound is + < 50 MB.
@@ -823,34 +802,13 @@ def test_download_memory_does_not_grow_with_file_size(sshd: SshServer, tmp_path:
     remote = tmp_path / "merged.gguf"
     sha = random_file(remote, size)
     local = tmp_path / "local.gguf"
-    me = psutil.Process()
-    peak = 0
-    stop = threading.Event()
 
-    def sample() -> None:
-        nonlocal peak
-        while not stop.is_set():
-            peak = max(peak, me.memory_info().rss)
-            time.sleep(0.005)
-
-    async def scenario() -> int:
+    async def scenario() -> RssPeak:
         async with await open_session(sshd) as s:
             await s.run("true")  # warm up: SFTP/crypto buffers are not what we measure
-            gc.collect()
-            nonlocal peak
-            baseline = me.memory_info().rss
-            peak = baseline
-            sampler = threading.Thread(target=sample, daemon=True)
-            sampler.start()
-            try:
-                await s.download(str(remote), local, sha, size)
-            finally:
-                stop.set()
-                sampler.join()
-            return baseline
+            return await rss_peak_during(s.download(str(remote), local, sha, size))
 
-    baseline = asyncio.run(scenario())
-    growth = peak - baseline
+    growth = asyncio.run(scenario()).growth
     assert sha256_file(local) == sha
     assert growth < 40 * MiB, f"RSS grew by {growth / MiB:.1f} MiB during a {size // MiB} MiB download"
 
