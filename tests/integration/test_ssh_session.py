@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
@@ -431,6 +431,33 @@ def test_upload_over_a_same_sized_file_with_other_content_replaces_it(sshd: SshS
     assert not (tmp_path / "remote.bin.tmp-0123456789ab").exists()
 
 
+def upload_meddled_with(sshd: SshServer, local: Path, remote: Path, sha: str, meddle: Callable[[], None]) -> None:
+    """Upload over a 40 ms RTT link; ``meddle()`` runs once the host's temp file holds 1 MiB."""
+
+    def watch() -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            temps = [p for p in remote.parent.iterdir() if ".tmp-" in p.name]
+            if temps and temps[0].stat().st_size >= MiB:
+                meddle()
+                return
+            time.sleep(0.001)
+
+    # The latency makes the upload take long enough for the meddling to land first.
+    with TcpProxy(sshd.host, sshd.port, latency_s=0.02) as slow:
+
+        async def scenario() -> None:
+            async with await open_session(sshd, via(slow, sshd)) as s:
+                watcher = threading.Thread(target=watch)
+                watcher.start()
+                try:
+                    await s.upload(local, str(remote), sha)
+                finally:
+                    await asyncio.to_thread(watcher.join)
+
+        asyncio.run(scenario())
+
+
 def test_a_local_file_rewritten_during_upload_is_refused_and_nothing_is_committed(
     sshd: SshServer, tmp_path: Path
 ) -> None:
@@ -439,35 +466,16 @@ def test_a_local_file_rewritten_during_upload_is_refused_and_nothing_is_committe
     sha = random_file(local, size)
     remote_dir = tmp_path / "remote"
     remote_dir.mkdir()
-    remote = remote_dir / "dataset.jsonl"
     rewritten = threading.Event()
 
-    def rewrite_tail_once_the_upload_runs() -> None:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            temps = [p for p in remote_dir.iterdir() if ".tmp-" in p.name]
-            if temps and temps[0].stat().st_size >= MiB:
-                with local.open("r+b") as f:
-                    f.seek(size - MiB)
-                    f.write(b"\0" * MiB)
-                rewritten.set()
-                return
-            time.sleep(0.001)
+    def rewrite_tail() -> None:
+        with local.open("r+b") as f:
+            f.seek(size - MiB)
+            f.write(b"\0" * MiB)
+        rewritten.set()
 
-    # 40 ms RTT through the proxy: the upload takes long enough for the rewrite to land first.
-    with TcpProxy(sshd.host, sshd.port, latency_s=0.02) as slow:
-
-        async def scenario() -> None:
-            async with await open_session(sshd, via(slow, sshd)) as s:
-                watcher = threading.Thread(target=rewrite_tail_once_the_upload_runs)
-                watcher.start()
-                try:
-                    await s.upload(local, str(remote), sha)
-                finally:
-                    await asyncio.to_thread(watcher.join)
-
-        with pytest.raises(IntegrityError, match="changed during upload"):
-            asyncio.run(scenario())
+    with pytest.raises(IntegrityError, match="changed during upload"):
+        upload_meddled_with(sshd, local, remote_dir / "dataset.jsonl", sha, rewrite_tail)
     assert rewritten.is_set()
     assert list(remote_dir.iterdir()) == [], "no target, and the temp file was deleted"
 
@@ -478,27 +486,8 @@ def test_a_local_file_that_shrinks_during_upload_is_refused(sshd: SshServer, tmp
     remote_dir = tmp_path / "remote"
     remote_dir.mkdir()
 
-    def truncate_once_the_upload_runs() -> None:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if any(p.stat().st_size >= MiB for p in remote_dir.iterdir()):
-                os.truncate(local, 40 * MiB)
-                return
-            time.sleep(0.001)
-
-    with TcpProxy(sshd.host, sshd.port, latency_s=0.02) as slow:
-
-        async def scenario() -> None:
-            async with await open_session(sshd, via(slow, sshd)) as s:
-                watcher = threading.Thread(target=truncate_once_the_upload_runs)
-                watcher.start()
-                try:
-                    await s.upload(local, str(remote_dir / "dataset.jsonl"), sha)
-                finally:
-                    await asyncio.to_thread(watcher.join)
-
-        with pytest.raises(IntegrityError, match="shrank"):
-            asyncio.run(scenario())
+    with pytest.raises(IntegrityError, match="shrank"):
+        upload_meddled_with(sshd, local, remote_dir / "dataset.jsonl", sha, lambda: os.truncate(local, 40 * MiB))
     assert list(remote_dir.iterdir()) == []
 
 
