@@ -53,12 +53,16 @@ def is_memory_path(path: str) -> bool:
 
 @dataclass
 class ScanResult:
-    files: int
     not_ready: set[str]
     parsed: int
     cached: int
     dirty: dict[str, FileInfo] = field(default_factory=dict)
     removed: list[str] = field(default_factory=list)
+
+    @property
+    def files(self) -> int:
+        """Memory files found (not counting those not ready yet)."""
+        return self.cached + len(self.dirty)
 
 
 def scan(root: Path, cache: dict[str, tuple[int, int]], cfg: DatasetConfig) -> ScanResult:
@@ -87,7 +91,7 @@ def scan(root: Path, cache: dict[str, tuple[int, int]], cfg: DatasetConfig) -> S
             continue
         dirty[p] = (st.st_mtime_ns, st.st_size, key)
     removed.extend(cache)
-    return ScanResult(cached + len(dirty), not_ready, parsed, cached, dirty, removed)
+    return ScanResult(not_ready, parsed, cached, dirty, removed)
 
 
 @dataclass(frozen=True)
