@@ -31,7 +31,7 @@ import re
 import secrets
 import shlex
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
@@ -160,6 +160,11 @@ _UPLOAD_HASHER_SH = (
 HASH_FEED_STEP = 64 << 20
 # Remote hashing may take this long per byte on top of a command's timeout (a slow pod disk).
 _HASH_S_PER_BYTE = 1 / (20 << 20)
+
+
+def _hash_timeout(size: int) -> float:
+    """How long a command that hashes ``size`` bytes on the host may take."""
+    return 120.0 + size * _HASH_S_PER_BYTE
 
 
 # ---- host keys ----------------------------------------------------------------------------------
@@ -349,6 +354,15 @@ def _sh(script: str, *args: str) -> str:
     """``sh -c SCRIPT`` with positional arguments: the user's login shell (bash, zsh, fish…)
     must not change what our own scripts mean, and paths never need quoting inside them."""
     return " ".join(["sh", "-c", shlex.quote(script), "mhd", *(shlex.quote(a) for a in args)])
+
+
+async def _abandon(futures: Iterable[asyncio.Future[Any]]) -> None:
+    """Cancel SFTP requests still in flight and wait for them to settle (their errors ignored)."""
+    left = list(futures)
+    for future in left:
+        future.cancel()
+    if left:
+        await asyncio.gather(*left, return_exceptions=True)
 
 
 def _last_line(output: str) -> str:
@@ -584,7 +598,7 @@ class SshSession:
                 errors="replace",
             )
         )
-        timeout = 120.0 + size * _HASH_S_PER_BYTE
+        timeout = _hash_timeout(size)
         try:
             try:
                 await self._send(local, tmp, size, hasher, f"upload of {local} to {remote}")
@@ -624,7 +638,7 @@ class SshSession:
                 return False
         if attrs.size != size:
             return False
-        prep = await self.run(_sh(_UPLOAD_PREP_SH, remote, _PY_SHA256), timeout=120.0 + size * _HASH_S_PER_BYTE)
+        prep = await self.run(_sh(_UPLOAD_PREP_SH, remote, _PY_SHA256), timeout=_hash_timeout(size))
         return self._digest(prep, f"hashing {remote}") == want
 
     async def _send(self, local: Path, tmp: str, size: int, hasher: _TempFileHasher, what: str) -> None:
@@ -664,10 +678,7 @@ class SshSession:
             hasher.end(size)  # the hasher works on the tail while the file is closed
             ok = True
         finally:
-            for _, future in pending:
-                future.cancel()
-            if pending:
-                await asyncio.gather(*(f for _, f in pending), return_exceptions=True)
+            await _abandon(f for _, f in pending)
             if ok:
                 with self._boundary(what):
                     await remote_file.close()
@@ -794,10 +805,7 @@ class SshSession:
                     if batched >= SINK_BATCH:
                         await flush()
             finally:
-                for _, future in pending:
-                    future.cancel()
-                if pending:
-                    await asyncio.gather(*(f for _, f in pending), return_exceptions=True)
+                await _abandon(f for _, f in pending)
                 # What was received goes to disk even after an error: a longer prefix to resume.
                 errors: list[BaseException | None] = list(await asyncio.gather(flush(), return_exceptions=True))
                 if sink is not None:
