@@ -268,7 +268,7 @@ def bench_small(work: Path, args: argparse.Namespace, res: dict[str, Any]) -> No
         resp = request(d.socket, "train")
         assert resp.get("ok"), resp
         wait_until(lambda: (d.status()["progress"]["step"] or 0) >= args.min_step, 120,
-                 f"training past step {args.min_step}", interval=0.2)
+                   f"training past step {args.min_step}", interval=0.2)
         first = d.status()
         print(f"  run {first['run_id']} training at step {first['progress']['step']}; "
               f"{args.queries} status requests ...", flush=True)

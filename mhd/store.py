@@ -503,6 +503,7 @@ class Store:
             res = conn.execute(_FILES.delete().where(_FILES.c.path >= prefix, _FILES.c.path < upper))
             return int(res.rowcount or 0)
 
+    # Pods ------------------------------------------------------------------------------------
     def record_pod(self, pod_id: str, run_id: str | None, provider: str, name: str) -> None:
         with self.session() as s:
             if s.get(PodRecord, pod_id) is None:

@@ -239,7 +239,6 @@ class OllamaClient:
                     break
         return "".join(parts)
 
-
     async def _ndjson(self, op: str, path: str, body: dict[str, Any], *,
                       lenient: bool) -> AsyncGenerator[dict[str, Any], None]:
         """POST ``body`` and yield each line of the streamed (NDJSON) reply as a dict.

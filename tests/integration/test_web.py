@@ -434,7 +434,7 @@ def test_page_follows_a_run_from_training_to_idle_without_reload(tmp_path, brows
                 daemon_side.add_progress(run_id, [point(i, steps, gpu=True, eval_every=4)], offset=i)
                 time.sleep(0.25)
             live = wait_until(lambda: (c := browser.js(COUNTS_JS))["points"] == steps and c, 60,
-                            "the loss curve to grow to every progress line while training")
+                              "the loss curve to grow to every progress line while training")
             assert live["step"] == f"{steps} / {steps}"
             browser.screenshot(tmp_path / "web-training.png")
 
@@ -443,7 +443,7 @@ def test_page_follows_a_run_from_training_to_idle_without_reload(tmp_path, brows
             assert browser.js("return window.__sameDocument") == "yes", "the page reloaded"
 
             counts = wait_until(lambda: (c := browser.js(COUNTS_JS))["vertices"] == steps and c, 60,
-                              "the final loss curve")
+                                "the final loss curve")
             assert counts["points"] == counts["vertices"] == counts["circles"] == steps
             assert counts["prev"] == prev_steps  # the previous run's curve, faint behind
             assert counts["gpu"] == steps
