@@ -12,6 +12,7 @@ import os
 import posixpath
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -25,7 +26,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mhd.errors import ConnectionLost, HostKeyMismatch, IntegrityError, RemoteError
-from mhd.hashing import sha256_file
+from mhd.hashing import FollowingSha256, sha256_file
 from mhd.remote.paths import remote_realpath_inside, resolve_manifest_path, validate_manifest_path
 from mhd.remote.provider import Endpoint
 from mhd.remote.session import CommandResult, Session
@@ -723,6 +724,42 @@ def test_download_of_a_corrupted_remote_file_raises_and_leaves_nothing(sshd: Ssh
         asyncio.run(scenario())
     assert not local.exists()
     assert list(local.parent.iterdir()) == []
+
+
+def test_download_verifies_in_process_when_the_hashing_child_dies(
+    sshd: SshServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    remote = tmp_path / "remote.bin"
+    sha = random_file(remote, 9 * MiB)
+    local = tmp_path / "out" / "adapter.bin"
+    killed: list[int] = []
+    real_start = FollowingSha256.start
+
+    async def start_then_kill(path: Path) -> FollowingSha256:
+        hasher = await real_start(path)
+        os.kill(hasher._proc.pid, signal.SIGKILL)  # e.g. the OOM killer picked it
+        killed.append(hasher._proc.pid)
+        return hasher
+
+    monkeypatch.setattr(FollowingSha256, "start", start_then_kill)
+
+    async def scenario() -> int:
+        async with await open_session(sshd) as s:
+            return await s.download(str(remote), local, sha, 9 * MiB)
+
+    assert asyncio.run(scenario()) == 9 * MiB
+    assert len(killed) == 1
+    assert sha256_file(local) == sha and not local.with_name("adapter.bin.part").exists()
+    # The fallback is a real check, not a pass: a wrong manifest hash is still caught.
+    local.unlink()
+    with pytest.raises(IntegrityError, match="sha256"):
+
+        async def wrong() -> None:
+            async with await open_session(sshd) as s:
+                await s.download(str(remote), local, "0" * 64, 9 * MiB)
+
+        asyncio.run(wrong())
+    assert len(killed) == 2 and not local.exists()
 
 
 def test_download_with_a_wrong_size_raises_integrity_error(sshd: SshServer, tmp_path: Path) -> None:
