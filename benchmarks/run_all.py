@@ -34,7 +34,7 @@ RESULTS = REPO / "benchmarks" / "RESULTS.md"
 MiB_TO_MB = 1.048576
 
 # bench_transfer's arguments: the 256 MiB and 1 GiB sizes within the time budget.
-TRANSFER_ARGS = ["--big", "--repeat", "3"]
+TRANSFER_ARGS = ["--big", "--repeat", "5"]
 TRANSFER_ARGS_QUICK = ["--size-mib", "64", "--repeat", "1", "--rss-mib", "256"]
 
 
