@@ -44,29 +44,39 @@ class FollowingSha256:
     1.08x scp (benchmarks/bench_transfer.py; medians of 8).
     """
 
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
-        self._proc = proc
+    def __init__(self, proc: asyncio.subprocess.Process | None) -> None:
+        self._proc = proc  # None: no process could be started; every digest is then None
         self.told = 0
 
     @classmethod
     async def start(cls, path: Path) -> FollowingSha256:
-        """Start following ``path`` (which must exist). OSError if no process can be started."""
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-I", "-S", str(_FOLLOWER), str(path),
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
+        """Start following ``path`` (which must exist)."""
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-I", "-S", str(_FOLLOWER), str(path),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+        except OSError:  # no process to be had (EAGAIN, ENOMEM): the caller hashes the file itself
+            return cls(None)
         return cls(proc)
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
 
     def advance(self, n: int) -> None:
         """The first ``n`` bytes of the file are written and will not change."""
-        if n > self.told and self._proc.stdin is not None and not self._proc.stdin.is_closing():
-            self._proc.stdin.write(b"%d\n" % n)
+        stdin = self._proc.stdin if self._proc else None
+        if n > self.told and stdin is not None and not stdin.is_closing():
+            stdin.write(b"%d\n" % n)
             self.told = n
 
     async def digest(self, n: int) -> str | None:
         """Hex sha256 of the first ``n`` bytes; None if the child could not give it."""
+        if self._proc is None:
+            return None
         try:
             self.advance(n)
             out, _ = await self._proc.communicate(b"done\n")
@@ -80,7 +90,11 @@ class FollowingSha256:
 
     async def close(self) -> None:
         """Stop the child if it still runs (after an error or a cancelled transfer)."""
-        if self._proc.returncode is None:
+        if self._proc is not None and self._proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self._proc.kill()
             await self._proc.wait()
+
+    @property
+    def returncode(self) -> int | None:
+        return self._proc.returncode if self._proc else None

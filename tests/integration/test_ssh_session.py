@@ -737,8 +737,9 @@ def test_download_verifies_in_process_when_the_hashing_child_dies(
 
     async def start_then_kill(path: Path) -> FollowingSha256:
         hasher = await real_start(path)
-        os.kill(hasher._proc.pid, signal.SIGKILL)  # e.g. the OOM killer picked it
-        killed.append(hasher._proc.pid)
+        assert hasher.pid is not None
+        os.kill(hasher.pid, signal.SIGKILL)  # e.g. the OOM killer picked it
+        killed.append(hasher.pid)
         return hasher
 
     monkeypatch.setattr(FollowingSha256, "start", start_then_kill)

@@ -78,11 +78,15 @@ def test_a_killed_child_gives_no_digest_and_close_reaps_it(tmp_path: Path) -> No
     async def scenario() -> tuple[str | None, int | None]:
         hasher = await FollowingSha256.start(path)
         hasher.advance(5000)
-        os.kill(hasher._proc.pid, signal.SIGKILL)
-        await hasher._proc.wait()
+        assert hasher.pid is not None
+        os.kill(hasher.pid, signal.SIGKILL)
+        for _ in range(1000):  # until the loop has reaped it
+            if hasher.returncode is not None:
+                break
+            await asyncio.sleep(0.01)
         digest = await hasher.digest(10000)
         await hasher.close()
-        return digest, hasher._proc.returncode
+        return digest, hasher.returncode
 
     digest, code = asyncio.run(scenario())
     assert digest is None
@@ -96,13 +100,29 @@ def test_close_without_a_digest_stops_the_child(tmp_path: Path) -> None:
     async def scenario() -> tuple[int | None, int | None]:
         hasher = await FollowingSha256.start(path)
         hasher.advance(1000)
-        before = hasher._proc.returncode
+        before = hasher.returncode
         await hasher.close()
-        return before, hasher._proc.returncode
+        return before, hasher.returncode
 
     before, after = asyncio.run(scenario())
     assert before is None, "the child waits for more while the transfer runs"
     assert after is not None, "and is gone once the transfer gave up"
+
+
+def test_no_process_to_be_had_means_no_digest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "f.part"
+    path.write_bytes(b"abc")
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "no-such-python"))
+
+    async def scenario() -> tuple[int | None, str | None]:
+        hasher = await FollowingSha256.start(path)
+        hasher.advance(3)
+        try:
+            return hasher.pid, await hasher.digest(3)
+        finally:
+            await hasher.close()
+
+    assert asyncio.run(scenario()) == (None, None), "the caller then hashes the file itself"
 
 
 def test_the_parent_going_away_ends_the_child_without_output(tmp_path: Path) -> None:
