@@ -53,6 +53,13 @@ MiB = 1 << 20
 OUT = Path(__file__).resolve().parent / "out" / "transfer.json"
 
 
+def warm_page_cache(path: Path) -> None:
+    buf = bytearray(MiB)
+    with path.open("rb", buffering=0) as f:
+        while f.readinto(buf):
+            pass
+
+
 class Bench:
     def __init__(self, server: SshServer, endpoint: Endpoint, work: Path, repeat: int) -> None:
         self.server = server
@@ -94,6 +101,7 @@ class Bench:
         methods: Sequence[tuple[str, Callable[[], Awaitable[None]]]],
         reset: Callable[[], None],
         check: Callable[[], bool],
+        source: Path,
     ) -> None:
         """Time each method ``repeat`` times, the methods taking turns within each round.
 
@@ -104,9 +112,12 @@ class Bench:
         for _ in range(self.repeat):
             for method, run in methods:
                 reset()
-                # Untimed: the dirty pages the previous method (or the source file) left behind
-                # are written back now, not by the kernel during whichever method runs next.
+                # Untimed, and the same for every method: the dirty pages the previous method left
+                # behind are written back now (not by the kernel during the next method), and the
+                # source is read into the page cache (this VM's kernel pages out idle file pages
+                # within seconds, so whoever came after the slowest method would read from disk).
                 os.sync()
+                warm_page_cache(source)
                 started = time.perf_counter()
                 await run()
                 times[method].append(time.perf_counter() - started)
@@ -194,7 +205,7 @@ class Bench:
                     local_ok,
                 ),
             ):
-                await self.measure(size, direction, methods, reset, check)
+                await self.measure(size, direction, methods, reset, check, src)
         finally:
             await session.close()
             remote_dst.unlink(missing_ok=True)
