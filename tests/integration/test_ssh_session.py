@@ -416,6 +416,25 @@ def test_upload_of_an_empty_file(sshd: SshServer, tmp_path: Path) -> None:
     assert remote.read_bytes() == b""
 
 
+def test_download_of_an_empty_file_and_of_one_exactly_a_block_long(sshd: SshServer, tmp_path: Path) -> None:
+    empty = tmp_path / "remote" / "empty.json"
+    empty.parent.mkdir()
+    empty.write_bytes(b"")
+    block = tmp_path / "remote" / "block.bin"
+    block_sha = random_file(block, SFTP_BLOCK)  # ends exactly at a read's boundary
+
+    async def scenario() -> tuple[int, int]:
+        async with await open_session(sshd) as s:
+            a = await s.download(str(empty), tmp_path / "out" / "empty.json", sha256_file(empty), 0)
+            b = await s.download(str(block), tmp_path / "out" / "block.bin", block_sha, SFTP_BLOCK)
+            return a, b
+
+    assert asyncio.run(scenario()) == (0, SFTP_BLOCK)
+    assert (tmp_path / "out" / "empty.json").read_bytes() == b""
+    assert sha256_file(tmp_path / "out" / "block.bin") == block_sha
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["block.bin", "empty.json"], "no .part left"
+
+
 def test_upload_over_a_same_sized_file_with_other_content_replaces_it(sshd: SshServer, tmp_path: Path) -> None:
     local = tmp_path / "a.bin"
     sha = random_file(local, 300_000)
