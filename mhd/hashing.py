@@ -40,8 +40,8 @@ class FollowingSha256:
 
     Why a process and not a thread: a hashing thread needs the GIL around each update, and the
     event loop receiving the file holds it nearly all the time; the two then take turns instead
-    of overlapping. With the hash in a child, a 1 GiB SFTP download on 2 cores went from 0.93x to
-    1.08x scp (benchmarks/bench_transfer.py; medians of 8).
+    of overlapping. With the hash in a child, a 1 GiB SFTP download on 2 cores that also run the
+    server went from 0.93x to 0.95-1.10x scp (benchmarks/bench_transfer.py, medians of 5 or 8).
     """
 
     def __init__(self, proc: asyncio.subprocess.Process | None) -> None:
