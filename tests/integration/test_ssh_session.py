@@ -782,6 +782,53 @@ def test_download_verifies_in_process_when_the_hashing_child_dies(
     assert len(killed) == 2 and not local.exists()
 
 
+class ShortReads:
+    """An SFTP file whose server answers each read with at most ``most`` bytes (SFTP allows it;
+    OpenSSH's sftp-server does not do it for regular files, so it stands in for servers that do)."""
+
+    def __init__(self, data: bytes, most: int) -> None:
+        self.data, self.most, self.reads = data, most, 0
+
+    async def read(self, n: int, offset: int) -> bytes:
+        self.reads += 1
+        await asyncio.sleep(0)
+        return self.data[offset : offset + min(n, self.most)]
+
+
+def test_short_sftp_reads_are_completed_in_order_and_a_shrunk_file_is_refused(sshd: SshServer, tmp_path: Path) -> None:
+    data = os.urandom(3 * SFTP_BLOCK + 777)
+    part = tmp_path / "short.part"
+    part.write_bytes(data[:1000])  # a resumed download: the prefix is already here
+    short = ShortReads(data, most=100_000)
+    shrunk = ShortReads(data[: 2 * SFTP_BLOCK], most=SFTP_BLOCK)  # the file lost its tail meanwhile
+
+    async def scenario() -> tuple[int, str | None]:
+        async with await open_session(sshd) as s:
+            hasher = await FollowingSha256.start(part)
+            try:
+                hasher.advance(1000)
+                sent = await s._stream(short, part, hasher, 1000, len(data), "download of short")  # type: ignore[arg-type]
+                digest = await hasher.digest(len(data))
+            finally:
+                await hasher.close()
+            other = tmp_path / "shrunk.part"
+            other.touch()
+            hasher = await FollowingSha256.start(other)
+            try:
+                with pytest.raises(IntegrityError, match="shrank"):
+                    await s._stream(shrunk, other, hasher, 0, len(data), "download of shrunk")  # type: ignore[arg-type]
+            finally:
+                await hasher.close()
+            assert not other.exists(), "a file that shrank mid-transfer leaves no partial file"
+            return sent, digest
+
+    sent, digest = asyncio.run(scenario())
+    assert sent == len(data) - 1000
+    assert part.read_bytes() == data
+    assert digest == hashlib.sha256(data).hexdigest()
+    assert short.reads > (len(data) - 1000) // SFTP_BLOCK + 1, "short answers were followed by reads for the rest"
+
+
 def test_download_with_a_wrong_size_raises_integrity_error(sshd: SshServer, tmp_path: Path) -> None:
     remote = tmp_path / "remote.bin"
     sha = random_file(remote, 1000)
