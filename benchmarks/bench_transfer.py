@@ -106,11 +106,13 @@ class Bench:
         """Time each method ``repeat`` times, the methods taking turns within each round.
 
         Turns, not one method's repeats in a row: the machine's speed drifts (other load, page
-        cache, CPU clocks), and each ratio to scp should compare neighbours in time.
+        cache, CPU clocks), and each ratio to scp should compare neighbours in time. The turn order
+        rotates from round to round, so that no method always follows the same one.
         """
         times: dict[str, list[float]] = {method: [] for method, _ in methods}
-        for _ in range(self.repeat):
-            for method, run in methods:
+        for round_no in range(self.repeat):
+            shift = round_no % len(methods)
+            for method, run in [*methods[shift:], *methods[:shift]]:
                 reset()
                 # Untimed, and the same for every method: the dirty pages the previous method left
                 # behind are written back now (not by the kernel during the next method), and the
