@@ -19,6 +19,7 @@ from typing import Any
 from mhd import __version__
 from mhd.config import Config
 from mhd.daemon.control import ControlServer
+from mhd.daemon.dump import describe
 from mhd.daemon.notify import sd_notify, watchdog_interval
 from mhd.daemon.providers import build_connector, build_provider
 from mhd.daemon.triggers import Triggers
@@ -125,6 +126,8 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
+        # `systemctl kill -s USR1 mhd`: what every task waits on, into the journal (a stuck run).
+        loop.add_signal_handler(signal.SIGUSR1, lambda: log.warning("SIGUSR1 dump:\n%s", describe(loop)))
         async with AsyncExitStack() as stack:
             stack.callback(self.store.close)
             provider, remote_root = build_provider(self.cfg)

@@ -50,6 +50,24 @@ def test_full_cycle_walks_the_seven_states_and_back(denv):
     assert d.stop() == 0
 
 
+def test_sigusr1_logs_what_each_task_waits_on_and_the_run_goes_on(denv):
+    denv.configure(training={"extra": {"fake_steps": 30, "fake_step_s": 0.2}})
+    write_memories(denv.memories, 6)
+    d = denv.daemon().start()
+    run_id = d.ask("train")["run_id"]
+    d.wait_state("Training", 30)
+    dump = d.dump()
+    assert "SIGUSR1 dump" in dump and "asyncio task(s):" in dump, dump
+    # The run's task, down to the state action it is in, and the thread that runs the loop.
+    assert "mhd/states/training.py" in dump, dump
+    assert "waiting on <" in dump, dump
+    assert "thread MainThread" in dump, dump
+    d.wait_for(lambda: d.status()["state"] == "Idle" and d.status()["last_run"], 60, "run end")
+    assert d.status()["last_run"]["id"] == run_id
+    assert d.status()["last_run"]["outcome"] == "succeeded"
+    assert d.stop() == 0
+
+
 def test_status_during_training_shows_increasing_steps(denv):
     denv.configure(training={"extra": {"fake_steps": 30, "fake_step_s": 0.2}})
     write_memories(denv.memories, 6)

@@ -118,8 +118,26 @@ class DaemonProc:
 
     def wait_for(self, pred: Callable[[], Any], timeout: float = 60, what: str = "condition",
                  interval: float = 0.05) -> Any:
-        return wait_until(pred, timeout, what, interval=interval,
-                          on_timeout=lambda: f"daemon log tail:\n{self.log.read_text()[-4000:]}")
+        def explain() -> str:
+            tail = self.log.read_text(errors="replace")[-4000:]
+            return f"daemon log tail:\n{tail}\n--- what each task waits on (SIGUSR1) ---\n{self.dump()}"
+
+        return wait_until(pred, timeout, what, interval=interval, on_timeout=explain)
+
+    def dump(self, timeout: float = 5.0) -> str:
+        """Have the daemon log what each of its tasks and threads waits on (SIGUSR1); that dump."""
+        if self.proc is None or self.proc.poll() is not None:
+            return "(daemon not running)"
+        start = len(self.log.read_bytes())
+        self.proc.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self.log.read_bytes()[start:].decode(errors="replace")
+            if "SIGUSR1 dump" in text and " thread(s):" in text:
+                time.sleep(0.2)  # the rest of the record
+                return self.log.read_bytes()[start:].decode(errors="replace")[-12000:]
+            time.sleep(0.05)
+        return f"(no dump within {timeout:.0f}s)"
 
     def wait_state(self, state: str, timeout: float = 60) -> dict[str, Any]:
         st: dict[str, Any] = self.wait_for(lambda: (s := self.status())["state"] == state and s,
