@@ -129,15 +129,17 @@ class DaemonProc:
         if self.proc is None or self.proc.poll() is not None:
             return "(daemon not running)"
         start = len(self.log.read_bytes())
+
+        def since() -> str:
+            return self.log.read_bytes()[start:].decode(errors="replace")
+
         self.proc.send_signal(signal.SIGUSR1)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            text = self.log.read_bytes()[start:].decode(errors="replace")
-            if "SIGUSR1 dump" in text and " thread(s):" in text:
-                time.sleep(0.2)  # the rest of the record
-                return self.log.read_bytes()[start:].decode(errors="replace")[-12000:]
-            time.sleep(0.05)
-        return f"(no dump within {timeout:.0f}s)"
+        try:
+            wait_until(lambda: "SIGUSR1 dump" in (t := since()) and " thread(s):" in t, timeout, "the dump")
+        except AssertionError:
+            return f"(no dump within {timeout:.0f}s)"
+        time.sleep(0.2)  # the rest of the record
+        return since()[-12000:]
 
     def wait_state(self, state: str, timeout: float = 60) -> dict[str, Any]:
         st: dict[str, Any] = self.wait_for(lambda: (s := self.status())["state"] == state and s,

@@ -18,6 +18,11 @@ from mhd.hashing import FollowingSha256
 KiB = 1 << 10
 
 
+def run_by_hand(path: Path, stdin: bytes) -> subprocess.CompletedProcess[bytes]:
+    """The child as FollowingSha256 starts it, fed ``stdin`` at once."""
+    return subprocess.run([sys.executable, "-I", "-S", follower.__file__, str(path)], input=stdin, capture_output=True)
+
+
 def test_follows_a_growing_file_and_hashes_exactly_the_prefix_it_was_given(tmp_path: Path) -> None:
     path = tmp_path / "adapter.part"
     path.write_bytes(b"")
@@ -64,9 +69,7 @@ def test_a_file_shorter_than_promised_gives_no_digest(tmp_path: Path) -> None:
 
     assert asyncio.run(scenario()) is None
     # The child says why, naming the file (what a person running it by hand would see).
-    proc = subprocess.run(
-        [sys.executable, "-I", "-S", follower.__file__, str(path)], input=b"5000\ndone\n", capture_output=True
-    )
+    proc = run_by_hand(path, b"5000\ndone\n")
     assert proc.returncode == 3 and proc.stdout == b""
     assert f"{path} has 1000 bytes, 5000 were promised" in proc.stderr.decode()
 
@@ -128,9 +131,7 @@ def test_no_process_to_be_had_means_no_digest(tmp_path: Path, monkeypatch: pytes
 def test_the_parent_going_away_ends_the_child_without_output(tmp_path: Path) -> None:
     path = tmp_path / "f.part"
     path.write_bytes(os.urandom(1000))
-    proc = subprocess.run(
-        [sys.executable, "-I", "-S", follower.__file__, str(path)], input=b"1000\n", capture_output=True
-    )
+    proc = run_by_hand(path, b"1000\n")
     assert proc.returncode == 1 and proc.stdout == b""
 
 
