@@ -29,6 +29,7 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
+    inspect,
     select,
     text,
     update,
@@ -39,7 +40,9 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 from mhd.errors import MhdError
 from mhd.states.model import ACTIVE_STATES, Outcome, RunState
 
-SCHEMA_VERSION = 1
+# 2: runs.merge_attempts / merge_retry_at (a failed merge is retried, never retrained).
+# Older databases are upgraded in place at start (added columns only; see ``_migrate``).
+SCHEMA_VERSION = 2
 
 
 def now() -> float:
@@ -106,6 +109,9 @@ class Run(Base):
     dataset_sha256: Mapped[str | None] = mapped_column(String(64))
     adapter_sha256: Mapped[str | None] = mapped_column(String(64))
     model_name: Mapped[str | None] = mapped_column(String(255))
+    # a failed merge waits for its retry (the adapter is kept; the pod is long gone)
+    merge_attempts: Mapped[int] = mapped_column(Integer, default=0)
+    merge_retry_at: Mapped[float | None] = mapped_column(Float)
 
     # Derived views ---------------------------------------------------------------------------
     @property
@@ -157,6 +163,7 @@ class MemoryFile(Base):
 
 
 _FILES = Table("memory_files", Base.metadata)  # the Table itself (typed), for bulk Core statements
+_META = Table("meta", Base.metadata)
 
 
 class ProgressPoint(Base):
@@ -264,19 +271,45 @@ class Store:
             yield s
 
     def _init_schema(self) -> None:
+        with self.session() as s:
+            Base.metadata.create_all(s.connection(), tables=[_META])
+            row = s.get(Meta, "schema_version")
+            found = int(row.value) if row is not None else None
+        if found is not None and found > SCHEMA_VERSION:
+            raise StoreError(
+                f"database {self.url} has schema version {found}, this mhd expects "
+                f"{SCHEMA_VERSION}: upgrade mhd or move the database aside"
+            )
         Base.metadata.create_all(self.engine)
         with self.engine.begin() as conn:
             # create_all adds indexes only with new tables; this one came after the table.
             conn.execute(text("CREATE INDEX IF NOT EXISTS ix_memory_files_key ON memory_files (key)"))
+            if found is not None and found < SCHEMA_VERSION:
+                self._migrate(conn)
         with self.session() as s:
             row = s.get(Meta, "schema_version")
             if row is None:
                 s.add(Meta(key="schema_version", value=str(SCHEMA_VERSION)))
-            elif int(row.value) != SCHEMA_VERSION:
-                raise StoreError(
-                    f"database {self.url} has schema version {row.value}, this mhd expects "
-                    f"{SCHEMA_VERSION}: upgrade mhd or move the database aside"
-                )
+            else:
+                row.value = str(SCHEMA_VERSION)
+
+    @staticmethod
+    def _migrate(conn: Connection) -> None:
+        """Add the columns a newer schema has and an older database lacks.
+
+        Every schema change so far only adds columns, each with a default or nullable, so an
+        ``ALTER TABLE … ADD COLUMN`` per missing column is the whole upgrade; rows keep their data.
+        """
+        for table in Base.metadata.sorted_tables:
+            have = {c["name"] for c in inspect(conn).get_columns(table.name)}
+            for col in table.columns:
+                if col.name in have:
+                    continue
+                ddl = f'ALTER TABLE "{table.name}" ADD COLUMN "{col.name}" {col.type.compile(conn.dialect)}'
+                default = getattr(col.default, "arg", None)
+                if isinstance(default, bool | int | float):
+                    ddl += f" DEFAULT {int(default) if isinstance(default, bool) else default}"
+                conn.execute(text(ddl))
 
     def schema_version(self) -> int:
         with self.session() as s:
@@ -313,6 +346,19 @@ class Store:
     def last_run(self) -> Run | None:
         with self.session() as s:
             return s.scalars(select(Run).order_by(Run.created_at.desc())).first()
+
+    def waiting_merge(self) -> Run | None:
+        """The run whose fetched adapter waits for a merge retry, if the newest fetched run is one.
+
+        Only the newest: an older failed merge is superseded by any later run that got as far as
+        Merging (its adapter holds the same memories, and newer ones).
+        """
+        merged = (Outcome.SUCCEEDED, Outcome.MERGE_FAILED)
+        with self.session() as s:
+            run = s.scalars(select(Run).where(Run.outcome.in_(merged)).order_by(Run.created_at.desc())).first()
+        if run is None or run.outcome is not Outcome.MERGE_FAILED or run.merge_retry_at is None:
+            return None
+        return run
 
     def list_runs(self, limit: int = 20) -> list[Run]:
         with self.session() as s:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from mhd.states.model import Outcome, RunState
-from mhd.store import Store, StoreError
+from mhd.store import SCHEMA_VERSION, Store, StoreError
 
 
 @pytest.fixture
@@ -17,9 +17,28 @@ def store(tmp_path: Path) -> Store:
 
 
 def test_wal_mode_and_schema_version(tmp_path: Path, store: Store):
-    assert store.schema_version() == 1
+    assert store.schema_version() == SCHEMA_VERSION
     with sqlite3.connect(tmp_path / "mhd.db") as con:
         assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_a_version_1_database_is_upgraded_in_place_keeping_its_runs(tmp_path: Path):
+    # The schema of version 1, as an mhd of that version left it (runs without the merge-retry columns).
+    path = tmp_path / "old.db"
+    old = Store(f"sqlite:///{path}")
+    run = old.create_run("manual", "local")
+    old.update_run(run.id, samples=7)
+    old.close()
+    with sqlite3.connect(path) as con:
+        con.execute("ALTER TABLE runs DROP COLUMN merge_attempts")
+        con.execute("ALTER TABLE runs DROP COLUMN merge_retry_at")
+        con.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    new = Store(f"sqlite:///{path}")
+    assert new.schema_version() == SCHEMA_VERSION
+    got = new.get_run(run.id)
+    assert got is not None and got.samples == 7 and got.merge_attempts == 0 and got.merge_retry_at is None
+    new.update_run(run.id, merge_attempts=2)
+    assert new.get_run(run.id).merge_attempts == 2
 
 
 def test_newer_schema_is_refused_with_advice(tmp_path: Path, store: Store):
