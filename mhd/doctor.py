@@ -4,27 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import os
-import stat
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import click
 
+from mhd import preflight
 from mhd.config import Config, load_config
-from mhd.errors import ConfigError, MhdError
+from mhd.errors import ConfigError
+from mhd.preflight import Check
+from mhd.store import Store
 
-MIN_FREE_GB = 5.0
 UNIT_PATHS = (Path("/etc/systemd/system/mhd.service"), Path("/lib/systemd/system/mhd.service"),
               Path("/usr/lib/systemd/system/mhd.service"))
-
-
-@dataclass
-class Check:
-    name: str
-    ok: bool | None  # None = not applicable / warning only
-    detail: str
-    fix: str = ""
 
 
 def _memory_dir(cfg: Config) -> Check:
@@ -59,36 +51,6 @@ def _db(cfg: Config) -> Check:
     return Check("database", v == SCHEMA_VERSION, f"schema version {v} (expected {SCHEMA_VERSION})")
 
 
-def _api_key(cfg: Config) -> Check:
-    if cfg.provider != "runpod":
-        return Check("RunPod API key", None, f"not needed for provider {cfg.provider}")
-    from mhd.remote.runpod import load_api_key
-
-    try:
-        load_api_key(cfg.runpod, dict(os.environ))
-    except MhdError as exc:
-        return Check("RunPod API key", False, str(exc), "set [runpod] api_key_file or RUNPOD_API_KEY")
-    return Check("RunPod API key", True, "present (not shown)")
-
-
-def _ssh_key(cfg: Config) -> Check:
-    if cfg.provider == "local":
-        return Check("SSH key", None, "not needed for provider local")
-    key = (cfg.runpod.ssh_key_file if cfg.provider == "runpod" else None) or cfg.ssh.key_file
-    if key is None:
-        return Check("SSH key", False, "no key configured", "set [ssh] key_file (ssh-keygen -t ed25519)")
-    key = key.expanduser()
-    if not key.exists():
-        return Check("SSH key", False, f"{key} does not exist", f"ssh-keygen -t ed25519 -f {key} -N ''")
-    mode = stat.S_IMODE(key.stat().st_mode)
-    if mode & 0o077:
-        return Check("SSH key", False, f"{key} has mode {oct(mode)}", f"chmod 600 {key}")
-    if cfg.provider == "runpod" and not Path(str(key) + ".pub").exists():
-        return Check("SSH key", False, f"{key}.pub missing (the pod needs the public key)",
-                     f"ssh-keygen -y -f {key} > {key}.pub")
-    return Check("SSH key", True, f"{key} ({oct(mode)})")
-
-
 def _provider(cfg: Config) -> Check:
     if cfg.provider == "local":
         return Check("provider", True, "local (this machine trains; demo mode)")
@@ -121,23 +83,6 @@ def _provider(cfg: Config) -> Check:
         return Check("provider", False, f"{cfg.provider}: {exc}", "check the host/API key and network")
 
 
-def _ollama(cfg: Config) -> Check:
-    if cfg.merge.effective_mode != "ollama":
-        return Check("Ollama", None, f"merge.mode = {cfg.merge.effective_mode}")
-    import httpx
-
-    try:
-        with httpx.Client(base_url=cfg.merge.ollama_url or "", timeout=5) as c:
-            version = c.get("/api/version").json().get("version")
-            names = {m.get("name") for m in c.get("/api/tags").json().get("models", [])}
-    except (httpx.HTTPError, ValueError) as exc:
-        return Check("Ollama", False, f"{cfg.merge.ollama_url}: {exc}", "start Ollama or fix merge.ollama_url")
-    base = cfg.merge.base
-    if base and base not in names and f"{base}:latest" not in names:
-        return Check("Ollama", False, f"version {version}; base model {base} is not pulled", f"ollama pull {base}")
-    return Check("Ollama", True, f"version {version} at {cfg.merge.ollama_url}; base {base or '(unset)'} present")
-
-
 def _disk(cfg: Config) -> Check:
     from mhd.states.fetching import FREE_MARGIN, free_bytes
 
@@ -156,9 +101,33 @@ def _disk(cfg: Config) -> Check:
         return Check("free disk", False, detail + f" (+ {FREE_MARGIN / 1e9:.1f} GB margin): the pod is kept and "
                      "the fetch waits", f"free {(need - free) / 1e9:.1f} GB under {d}; the fetch resumes by itself "
                      f"(the pod stops itself after runpod.max_unattended = {cfg.runpod.max_unattended / 3600:.1f} h)")
-    ok = free / 1e9 >= MIN_FREE_GB
-    return Check("free disk", ok, f"{free / 1e9:.1f} GB free under {d}",
-                 "" if ok else f"free space: a merged model needs several GB (≥ {MIN_FREE_GB} GB)")
+    return preflight.check_disk(cfg, asyncio.run(_route(cfg)))
+
+
+async def _route(cfg: Config) -> str:
+    return (await preflight.check_ollama(cfg))[1]
+
+
+def _preflight(cfg: Config) -> list[Check]:
+    """The checks a run makes before renting a pod (mhd/preflight.py), disk aside (see _disk)."""
+    checks = asyncio.run(preflight.run_checks(cfg, store=_store(cfg), samples=_expected_samples(cfg)))
+    return [c for c in checks if c.name != "free disk"]
+
+
+def _store(cfg: Config) -> Store | None:
+    if not cfg.db_url and not (cfg.state_dir / "mhd.db").exists():
+        return None
+    try:
+        return Store(cfg.db_path_url, create=False)
+    except Exception:
+        return None
+
+
+def _expected_samples(cfg: Config) -> int:
+    """What the next run would train on: the last run's count (the dataset cap bounds it)."""
+    store = _store(cfg)
+    last = store.last_run() if store is not None else None
+    return min(cfg.dataset.max_samples, (last.samples or 0) if last else cfg.dataset.max_samples)
 
 
 def _pending_fetch(cfg: Config) -> tuple[str, int, int] | None:
@@ -191,8 +160,8 @@ def _unit(cfg: Config) -> Check:
     return Check("systemd unit", True, str(found))
 
 
-CHECKS: tuple[Callable[[Config], Check], ...] = (_memory_dir, _state_dir, _db, _api_key, _ssh_key, _provider,
-                                                 _ollama, _disk, _unit)
+CHECKS: tuple[Callable[[Config], Check | list[Check]], ...] = (_memory_dir, _state_dir, _db, _provider, _preflight,
+                                                              _disk, _unit)
 
 
 def run_checks(config_path: Path | None) -> int:
@@ -205,13 +174,10 @@ def run_checks(config_path: Path | None) -> int:
     failed = 0
     for fn in CHECKS:
         try:
-            c = fn(cfg)
+            got = fn(cfg)
         except Exception as exc:
-            c = Check(fn.__name__.strip("_"), False, f"check crashed: {exc}")
-        mark = {True: "✓", False: "✗", None: "·"}[c.ok]
-        line = f"{mark} {c.name:<13} {c.detail}"
-        if c.ok is False and c.fix:
-            line += f"  → fix: {c.fix}"
-        click.echo(line)
-        failed += c.ok is False
+            got = Check(fn.__name__.strip("_"), False, f"check crashed: {exc}")
+        for c in got if isinstance(got, list) else [got]:
+            click.echo(c.line())
+            failed += c.ok is False
     return 1 if failed else 0

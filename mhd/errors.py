@@ -96,6 +96,17 @@ class Cancelled(MhdError):
     pass
 
 
+class PreflightFailed(MhdError):
+    """A check that a run's later steps depend on failed before any pod was rented.
+
+    ``checks`` are the failed :class:`mhd.preflight.Check` objects, each with its fix.
+    """
+
+    def __init__(self, message: str, checks: tuple[object, ...] = ()) -> None:
+        super().__init__(message)
+        self.checks = checks
+
+
 TRANSIENT: tuple[type[BaseException], ...] = (TransientProviderError, ConnectionLost)
 
 

@@ -83,15 +83,21 @@ async def ollama_route(cfg: Config, *, transport: httpx.AsyncBaseTransport | Non
 
 
 # Subprocesses ------------------------------------------------------------------------------------
+def tool_env() -> dict[str, str]:
+    """The environment of a merge subprocess (and of preflight's import probe, which must match it)."""
+    env = dict(os.environ)
+    root = str(Path(mhd.__file__).resolve().parent.parent)  # importable even when not installed
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
 async def run_tool(module: str, args: Sequence[str], log: Log, *, what: str) -> list[str]:
     """Run ``python -m module args``; stream its output lines to ``log``; MergeError on failure.
 
     Returns stdout lines. The child is killed if we are cancelled (daemon shutdown).
     """
-    env = dict(os.environ)
-    root = str(Path(mhd.__file__).resolve().parent.parent)  # importable even when not installed
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env.setdefault("PYTHONUNBUFFERED", "1")
+    env = tool_env()
     try:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", module, *args,

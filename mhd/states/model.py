@@ -30,6 +30,8 @@ class Outcome(enum.Enum):
     BUDGET_EXCEEDED = "budget_exceeded"
     MERGE_FAILED = "merge_failed"
     NO_DATA = "no_data"
+    # Something the run would need after training is missing here: no pod was rented.
+    PREFLIGHT_FAILED = "preflight_failed"
 
     def is_success(self) -> bool:
         return self is Outcome.SUCCEEDED

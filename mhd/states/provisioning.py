@@ -129,6 +129,9 @@ async def act(ctx: RunContext, m: RunMachine) -> None:
         raise NoSamples(f"no usable training sample in {ctx.cfg.memory_dir} "
                         f"(rejects: {manifest.get('rejects') or {}}); no pod was rented")
 
+    if run.pod_id is None:
+        await _preflight(ctx, run)
+
     name = pod_name(run.id)
     pod: Pod | None = None
     how = "adopted"
@@ -154,6 +157,21 @@ async def act(ctx: RunContext, m: RunMachine) -> None:
     )
     ctx.append_log(run, f"pod {pod.id} {how} ({pod.gpu_type or '?'}, ${pod.cost_per_hr or 0:.3f}/h)")
     m.fire("provisioned", reason=f"pod {pod.id} {how}")
+
+
+async def _preflight(ctx: RunContext, run: Run) -> None:
+    """Before any pod: what the run needs after training must be here (PreflightFailed if not)."""
+    from mhd import preflight
+
+    try:
+        route = json.loads((ctx.run_dir(run) / "input" / "config.json").read_text())["export"].get("route")
+    except (OSError, ValueError, KeyError, AttributeError):
+        route = None
+    checks = await preflight.run_checks(ctx.cfg, store=ctx.store, samples=run.samples, route=route)
+    for c in checks:
+        if c.ok is not None:
+            ctx.append_log(run, "preflight " + c.line())
+    preflight.require(checks)
 
 
 def input_files(ctx: RunContext, run: Run) -> list[Path]:

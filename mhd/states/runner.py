@@ -3,7 +3,7 @@
 - transient (``errors.is_transient``): retry the same state with exponential backoff + full
   jitter, attempts counted in the DB, bounded by the state's deadline;
 - connection lost while the pod is needed: back through Connecting, then resume that state;
-- cancel / budget / no data / anything else: Aborting, with the outcome that says which.
+- cancel / budget / no data / preflight / anything else: Aborting, with the outcome that says which.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from mhd.errors import (
     ConnectionLost,
     MhdError,
     NoSamples,
+    PreflightFailed,
     TransientProviderError,
     is_transient,
 )
@@ -91,6 +92,8 @@ class Runner:
             self._abort(m, Outcome.BUDGET_EXCEEDED, str(exc))
         elif isinstance(exc, NoSamples):
             self._abort(m, Outcome.NO_DATA, str(exc))
+        elif isinstance(exc, PreflightFailed):
+            self._abort(m, Outcome.PREFLIGHT_FAILED, str(exc))
         elif isinstance(exc, ConnectionLost) and state in SESSION_STATES:
             await ctx.drop_session()
             ctx.append_log(run, f"connection lost in {state.value}: {exc}")

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from mhd.devtools.toml_write import write_config
+from mhd.store import SCHEMA_VERSION
 from tests.support.daemon import write_memories
 from tests.support.ollama_standin import OllamaStandIn
 
@@ -27,7 +28,7 @@ def test_healthy_local_setup_passes_and_counts_memories(tmp_path: Path):
     out = doctor(cfg)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "4 memory files" in out.stdout
-    assert "✓ state_dir" in out.stdout and "schema version 1" in out.stdout
+    assert "✓ state_dir" in out.stdout and f"schema version {SCHEMA_VERSION}" in out.stdout
 
 
 def test_runpod_without_key_and_with_loose_ssh_key_fails_with_fixes(tmp_path: Path):
