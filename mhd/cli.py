@@ -65,7 +65,7 @@ def daemon(ctx: click.Context) -> None:
     from mhd.daemon.service import run_daemon
 
     try:
-        sys.exit(run_daemon(cfg))
+        sys.exit(run_daemon(cfg, ctx.ensure_object(dict).get("config_path")))
     except ConfigError as exc:
         _die(str(exc), EXIT_CONFIG)
     except MhdError as exc:
@@ -181,25 +181,29 @@ def logs(ctx: click.Context, run_id: str | None, lines: int) -> None:
 @click.argument("run_id")
 @click.pass_context
 def merge(ctx: click.Context, run_id: str) -> None:
-    """Retry merging a run's fetched adapter (e.g. after `merge_failed`)."""
+    """Retry merging a run's fetched adapter now (e.g. after `merge_failed`); never retrains."""
     cfg = _cfg(ctx)
     run = _find_run(cfg, run_id)
-    from mhd.merge import merge_run
-    from mhd.states.model import Outcome
+    from mhd.daemon.client import DaemonNotRunning, request
 
-    store = _store(cfg)
-    adapter = cfg.runs_dir / run.id / "output" / "adapter"
-    if not adapter.exists():
-        _die(f"run {run.id} has no fetched adapter at {adapter}", EXIT_FAIL)
     try:
-        model = asyncio.run(merge_run(cfg, store, run.id, adapter, lambda line: click.echo(f"  {line}")))
-    except MhdError as exc:
-        _die(f"merge of run {run.id} failed: {exc}", EXIT_FAIL)
-    manifest = json.loads((cfg.runs_dir / run.id / "input" / "dataset_manifest.json").read_text())
-    store.mark_trained(manifest.get("memory_keys") or [], run.id)
-    store.update_run(run.id, outcome=Outcome.SUCCEEDED, error=None, model_name=model)
-    store.add_event(run.id, "merge", f"merged by hand: {model}")
-    click.echo(f"run {run.id}: model {model}")
+        # The daemon's retrier does it (one merge at a time, and it stops retrying on success).
+        resp = request(cfg.socket_path, "merge", timeout=3600, run_id=run.id)
+    except (DaemonNotRunning, OSError):
+        resp = asyncio.run(_merge_here(cfg, run.id))
+    for line in resp.get("log") or []:
+        click.echo(f"  {line}")
+    if not resp.get("ok"):
+        _die(f"merge of run {run.id} failed: {resp.get('error')}", EXIT_FAIL)
+    click.echo(f"run {run.id}: model {resp.get('model')}" + (f" ({resp['note']})" if resp.get("note") else ""))
+
+
+async def _merge_here(cfg: Config, run_id: str) -> dict[str, Any]:
+    """`mhd merge` without a running daemon: the same attempt, in this process."""
+    from mhd.daemon.merges import MergeRetrier
+
+    retrier = MergeRetrier(cfg, _store(cfg), asyncio.Lock(), lambda keys: None)
+    return await retrier.attempt(run_id)
 
 
 @main.command()

@@ -184,6 +184,10 @@ class RetryConfig(_Section):
     # After a run that did not succeed, how long the threshold trigger waits before another try
     # (`mhd train` and the schedule are not held).
     failed_run_cooldown_s: float = Field(3600.0, ge=0)
+    # A failed merge (the adapter is here, the pod gone) is retried after merge_base_s, doubling
+    # up to merge_max_s; the threshold rents no pod while it waits.
+    merge_base_s: float = Field(60.0, gt=0)
+    merge_max_s: float = Field(3600.0, gt=0)
 
 
 class Config(_Section):

@@ -63,6 +63,10 @@ def render_status(st: dict[str, Any]) -> Group:
         last = st["last_run"]
         t.add_row("last run", f"{last['id']}: {last['outcome'] or last['state']}"
                   + (f" — {last['error']}" if last.get("error") else ""))
+    if mw := st.get("merge_waiting"):
+        when = time.strftime("%H:%M:%S", time.localtime(mw["next_retry_at"])) if mw.get("next_retry_at") else "-"
+        t.add_row("merge waiting", f"run {mw['run_id']}: {mw['attempts']} attempt(s), next at {when} "
+                  f"(now: `mhd merge {mw['run_id']}`); no pod is rented meanwhile — {mw.get('error') or ''}")
     if st.get("next_schedule_at"):
         t.add_row("next scheduled", time.strftime("%Y-%m-%d %H:%M", time.localtime(st["next_schedule_at"])))
     return Group(*parts)
@@ -80,4 +84,9 @@ def render_runs(runs: list[dict[str, Any]]) -> Table:
         t.add_row(r["id"], r["trigger"], outcome, duration(r["duration_s"]), duration(r["billed_s"]),
                   f"${r['cost_usd']:.2f}", str(r["samples"] if r["samples"] is not None else "-"),
                   f"{r['final_loss']:.3f}" if r.get("final_loss") is not None else "-", model)
+    # Why a run did not succeed, under the table (the reason names the check and its fix).
+    notes = [f"{r['id']}: {r['error']}" for r in runs if r.get("error") and r.get("outcome") != "succeeded"]
+    if notes:
+        t.caption = "\n".join(n if len(n) <= 400 else n[:399] + "…" for n in notes[:5])
+        t.caption_justify = "left"
     return t

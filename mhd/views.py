@@ -45,7 +45,18 @@ def run_dict(run: Run, at: float | None = None) -> dict[str, Any]:
         "job_launches": run.job_launches,
         "adapter_sha256": run.adapter_sha256,
         "model_name": run.model_name,
+        "merge_attempts": run.merge_attempts,
+        "merge_retry_at": run.merge_retry_at,
     }
+
+
+def merge_waiting(store: Store) -> dict[str, Any] | None:
+    """The fetched adapter that waits for a merge retry (no pod is rented meanwhile), if any."""
+    run = store.waiting_merge()
+    if run is None:
+        return None
+    return {"run_id": run.id, "attempts": run.merge_attempts, "next_retry_at": run.merge_retry_at,
+            "error": run.error}
 
 
 def gpu_dict(store: Store, run: Run | None) -> dict[str, Any] | None:
@@ -78,6 +89,7 @@ def status_snapshot(store: Store, *, pending: int, threshold: int, daemon: dict[
         "loss_history": loss_history(store, run),
         "run": run_dict(run, at) if run else None,
         "last_run": run_dict(last, at) if last else None,
+        "merge_waiting": merge_waiting(store),
         "schedule": schedule,
         "next_schedule_at": next_schedule_at,
         "daemon": daemon,

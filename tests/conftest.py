@@ -27,8 +27,8 @@ class DaemonEnv:
         top, sections = base_config(self.tmp, **overrides)
         return write_config(self.config, top, sections)
 
-    def daemon(self, env: dict[str, str] | None = None) -> DaemonProc:
-        d = DaemonProc(self.config, self.tmp / "daemon.log", env)
+    def daemon(self, env: dict[str, str] | None = None, python: str | None = None) -> DaemonProc:
+        d = DaemonProc(self.config, self.tmp / "daemon.log", env, python)
         self.procs.append(d)
         return d
 

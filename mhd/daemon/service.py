@@ -14,12 +14,14 @@ import signal
 import sys
 import time
 from contextlib import AsyncExitStack
+from pathlib import Path
 from typing import Any
 
 from mhd import __version__
 from mhd.config import Config
 from mhd.daemon.control import ControlServer
 from mhd.daemon.dump import describe
+from mhd.daemon.merges import MergeRetrier
 from mhd.daemon.notify import sd_notify, watchdog_interval
 from mhd.daemon.providers import build_connector, build_provider
 from mhd.daemon.triggers import Triggers
@@ -62,8 +64,9 @@ def setup_logging(level: str) -> None:
 
 
 class Daemon:
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, config_path: Path | None = None) -> None:
         self.cfg = cfg
+        self.config_path = config_path
         self.started = time.time()
         self.store = Store(cfg.db_path_url)
         self.index = MemoryIndex(cfg.memory_dir, self.store, cfg.dataset)
@@ -76,12 +79,24 @@ class Daemon:
             threshold=cfg.threshold, debounce_s=cfg.debounce_s, schedule=cfg.schedule,
             pending=lambda: self.index.pending, busy=self.busy, start=self.start_run,
         )
+        self.merge_lock = asyncio.Lock()
+        self.merges = MergeRetrier(cfg, self.store, self.merge_lock, self._merged_later)
 
     # Control ---------------------------------------------------------------------------------
     def busy(self) -> bool:
         return self.store.active_run() is not None
 
     def start_run(self, trigger: str) -> str | None:
+        waiting = self.merges.waiting()
+        if waiting is not None and trigger != "manual":
+            # Its memories are trained already; a new pod would fail at the same merge. Retry that.
+            log.info("not starting a %s run: run %s's adapter waits for its merge (%s); retrying the "
+                     "merge instead of renting a pod", trigger, waiting.id, waiting.error or "failed")
+            self.merges.poke_if_due()
+            return None
+        if waiting is not None:
+            log.warning("manual run while run %s's adapter waits for its merge (`mhd merge %s`)",
+                        waiting.id, waiting.id)
         try:
             run = self.store.create_run(trigger, self.cfg.provider)
         except StoreError as exc:
@@ -90,6 +105,33 @@ class Daemon:
         log.info("run %s created (trigger: %s, %d memories pending)", run.id, trigger, self.index.pending)
         self.kick.set()
         return run.id
+
+    def _merged_later(self, keys: Any) -> None:
+        """A retried merge succeeded: its memories are trained; the threshold looks again."""
+        self.index.mark_trained(keys)
+        self.triggers.hold_until = 0.0
+        self.triggers.changed()
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the config file; what a run reads at each use applies at once."""
+        from mhd.config import load_config
+        from mhd.errors import ConfigError
+
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as exc:
+            log.error("reload: %s — keeping the running config", exc)
+            return
+        live = ("merge", "budget", "retry", "training", "dataset", "threshold", "debounce_s", "log_level")
+        for name in live:
+            setattr(self.cfg, name, getattr(new, name))
+        self.triggers.threshold, self.triggers.debounce_s = new.threshold, new.debounce_s
+        rest = [k for k in type(new).model_fields if k not in live and getattr(new, k) != getattr(self.cfg, k)]
+        log.info("config reloaded from %s (%s)%s", self.config_path or "the default path", ", ".join(live),
+                 f"; needs a restart to apply: {', '.join(rest)}" if rest else "")
+        if self.merges.waiting() is not None:
+            self.merges.poke()
+        self.triggers.changed()
 
     def status(self) -> dict[str, Any]:
         return status_snapshot(
@@ -111,6 +153,11 @@ class Daemon:
                 return {"ok": False, "error": f"run {active.id} is already active ({active.state.value})"}
             run_id = self.start_run("manual")
             return {"ok": run_id is not None, "run_id": run_id}
+        if cmd == "merge":
+            run = self.store.get_run(str(req.get("run_id") or "")) or self.store.find_run(str(req.get("run_id") or ""))
+            if run is None:
+                return {"ok": False, "error": f"no run {req.get('run_id')}"}
+            return await self.merges.attempt(run.id)
         if cmd == "cancel":
             active = self.store.active_run()
             if active is None:
@@ -128,6 +175,7 @@ class Daemon:
             loop.add_signal_handler(sig, self.stopping.set)
         # `systemctl kill -s USR1 mhd`: what every task waits on, into the journal (a stuck run).
         loop.add_signal_handler(signal.SIGUSR1, lambda: log.warning("SIGUSR1 dump:\n%s", describe(loop)))
+        loop.add_signal_handler(signal.SIGHUP, self.reload)  # systemctl reload mhd
         async with AsyncExitStack() as stack:
             stack.callback(self.store.close)
             provider, remote_root = build_provider(self.cfg)
@@ -135,7 +183,8 @@ class Daemon:
             stack.push_async_callback(provider.aclose)
             self.ctx = RunContext(cfg=self.cfg, store=self.store, provider=provider,
                                   connector=build_connector(self.cfg), remote_root=remote_root,
-                                  log=logging.getLogger("mhd.run"), on_trained=self.index.mark_trained)
+                                  log=logging.getLogger("mhd.run"), on_trained=self.index.mark_trained,
+                                  merge_lock=self.merge_lock)
 
             watcher = Watcher(self.index, self.triggers.changed)
             stack.push_async_callback(watcher.stop)
@@ -151,7 +200,8 @@ class Daemon:
             stack.callback(self.triggers.stop)
             await self._start_web(stack)
 
-            tasks = [asyncio.create_task(self._reaper(), name="reaper")]
+            tasks = [asyncio.create_task(self._reaper(), name="reaper"),
+                     asyncio.create_task(self.merges.run_forever(), name="merge-retrier")]
             if (interval := watchdog_interval()) is not None:
                 tasks.append(asyncio.create_task(self._watchdog(interval), name="watchdog"))
             stack.push_async_callback(_cancel_all, tasks)
@@ -256,10 +306,10 @@ async def _cancel_all(tasks: list[asyncio.Task[Any]]) -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def run_daemon(cfg: Config) -> int:
+def run_daemon(cfg: Config, config_path: Path | None = None) -> int:
     setup_logging(cfg.log_level)
-    return asyncio.run(_amain(cfg))
+    return asyncio.run(_amain(cfg, config_path))
 
 
-async def _amain(cfg: Config) -> int:
-    return await Daemon(cfg).run()
+async def _amain(cfg: Config, config_path: Path | None) -> int:
+    return await Daemon(cfg, config_path).run()

@@ -50,6 +50,8 @@ class RunContext:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     session: Session | None = None
     on_trained: Callable[[Iterable[str]], None] = lambda keys: None
+    # One merge at a time: the Merging state and the merge retrier both move the alias.
+    merge_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     pauses: dict[str, float] = field(default_factory=_debug_pauses)
 
     async def fault_point(self, name: str) -> None:

@@ -2,6 +2,7 @@
 
 config.json knobs: fake_steps (10), fake_step_s (0.2), fake_adapter_bytes (262144),
 fake_exit (0), fake_checkpoint_every (2). It resumes from checkpoints/step like the real one.
+With export.enabled it also ships a small model.gguf (the merged route's artifact).
 """
 
 import argparse
@@ -60,6 +61,10 @@ def main() -> int:
     if escape:  # a hostile or broken pod: a manifest entry that is a symlink out of the run dir
         (ad / "escape").symlink_to(escape)
     files = [{"path": f"adapter/{p.name}", "size": p.stat().st_size, "sha256": sha(p)} for p in sorted(ad.iterdir())]
+    if (cfg.get("export") or {}).get("enabled"):  # the merged route: a stand-in for the pod-built GGUF
+        gguf = d / "model.gguf"
+        gguf.write_bytes(b"GGUF" + rng * 64)
+        files.append({"path": "model.gguf", "size": gguf.stat().st_size, "sha256": sha(gguf)})
     tmp = d / "manifest.json.tmp"
     tmp.write_text(json.dumps({"files": files, "base_model": cfg.get("base_model"), "final_loss": 3.0 / steps,
                                "steps": steps}))

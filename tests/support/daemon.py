@@ -70,10 +70,12 @@ def write_memories(root: Path, n: int, prefix: str = "memory") -> list[Path]:
 
 
 class DaemonProc:
-    def __init__(self, config: Path, log: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, config: Path, log: Path, env: dict[str, str] | None = None,
+                 python: str | None = None) -> None:
         self.config = config
         self.log = log
         self.env = env or {}
+        self.python = python or sys.executable  # another venv's interpreter: a daemon installed differently
         self.proc: subprocess.Popen[bytes] | None = None
         self.socket = self._socket_path()
 
@@ -88,7 +90,7 @@ class DaemonProc:
         full_env = {**inherited, **self.env, **(env or {})}
         with self.log.open("ab") as logf:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "mhd.cli", "--config", str(self.config), "daemon"],
+                [self.python, "-m", "mhd.cli", "--config", str(self.config), "daemon"],
                 stdout=logf, stderr=subprocess.STDOUT, env=full_env, cwd=str(REPO),
             )
         if wait:

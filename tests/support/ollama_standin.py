@@ -185,6 +185,10 @@ class OllamaStandIn:
             self._state.faults.append(_Fault(method or None, path, status,
                                              error or f"injected failure ({status})", mid_stream, times))
 
+    def clear_faults(self) -> None:
+        with self._lock:
+            self._state.faults.clear()
+
     # Used by the handler ----------------------------------------------------------------------
     def _take_fault(self, method: str, path: str) -> _Fault | None:
         with self._lock:

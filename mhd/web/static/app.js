@@ -158,6 +158,11 @@
     } else {
       note = "No run yet: one starts when pending memories reach the threshold, on schedule, or with `mhd train`.";
     }
+    const mw = st.merge_waiting;
+    if (mw) {
+      note += ` The adapter of run ${mw.run_id} waits for its merge (${mw.attempts} attempt(s); ` +
+        `\`mhd merge ${mw.run_id}\` retries now): no pod is rented meanwhile.`;
+    }
     if (st.next_schedule_at) note += ` Next scheduled run: ${when(st.next_schedule_at)}.`;
     setText("note", note);
     tickTimeline(st);
