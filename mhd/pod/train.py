@@ -10,17 +10,21 @@ trl, and unsloth when present) once the inputs have been checked.
 The run folder is the whole protocol (DESIGN.md, "Training"):
 
     in:   config.json  dataset.jsonl  [eval.jsonl]  [export.py]
+          [evaluate.py  probe.jsonl  current_adapter/]   the quality gate ("evaluate")
     out:  progress.jsonl   one JSON line per logging step, append-only
           checkpoints/     every save_steps, newest 2 kept; a relaunch resumes from the newest
           adapter/         PEFT adapter + tokenizer files + base_config.json (the base's config.json)
           trained.json     written atomically once adapter/ is complete: a relaunch never retrains
+          eval.json        base / new / current adapter scored on eval.jsonl and probe.jsonl by
+                           evaluate.py (config.json "evaluate": {"enabled": true}), before the export
           export/          work folder of the export (config.json "export": {"enabled": true}):
           model.gguf       the merged, quantized model, built by export.py after training
           manifest.json    written last and atomically: its presence means "done"
 
-With the export enabled, the trainer re-executes itself after training, so the export starts in a
-fresh process (no training model, optimizer or CUDA cache left in memory); the new process finds
-trained.json and goes straight to the export. A failed export does not fail the job: the manifest
+With the export or the evaluation enabled, the trainer re-executes itself after training, so they
+start in a fresh process (no training model, optimizer or CUDA cache left in memory); the new
+process finds trained.json and goes straight to the evaluation (unless eval.json is there), then
+the export. A failed export does not fail the job: the manifest
 lists the adapter and carries ``"export": {"error": ...}``, so the adapter is still fetched.
 
 Exit codes: 0 done (also: already done), 2 bad config or dataset (one line on stderr),
@@ -94,6 +98,9 @@ class TrainConfig:
     optim: str | None = None
     # {"enabled": bool, "quantize": "Q4_K_M", "llama_cpp_dir": "/opt/llama.cpp"}: checked by export.py.
     export: dict[str, Any] = field(default_factory=dict)
+    # {"enabled": bool, "generate": 3, "max_new_tokens": 48, "current_adapter": "current_adapter"}:
+    # checked by evaluate.py.
+    evaluate: dict[str, Any] = field(default_factory=dict)
     unknown: tuple[str, ...] = field(default=())
 
     @classmethod
@@ -137,6 +144,10 @@ class TrainConfig:
     def export_enabled(self) -> bool:
         return self.export.get("enabled") is True
 
+    @property
+    def evaluate_enabled(self) -> bool:
+        return self.evaluate.get("enabled") is True
+
 
 def _coerce(name: str, value: Any, default: Any) -> Any:
     """Check one value against the type of its default; the message names key and value."""
@@ -146,6 +157,10 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
     if name == "export":
         if not isinstance(value, dict) or not isinstance(value.get("enabled", False), bool):
             raise bad('an object like {"enabled": true, "quantize": "q4_K_M"}')
+        return dict(value)
+    if name == "evaluate":
+        if not isinstance(value, dict) or not isinstance(value.get("enabled", False), bool):
+            raise bad('an object like {"enabled": true, "generate": 3, "max_new_tokens": 48}')
         return dict(value)
     if name == "target_modules":
         if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
@@ -720,17 +735,28 @@ def train(cfg: TrainConfig, run: RunDir, started: float) -> dict[str, Any]:
 # --- export (merged GGUF) -----------------------------------------------------------------
 
 
-def load_exporter() -> Any:
-    """export.py, uploaded beside this file."""
+def load_beside(name: str, wanted: str) -> Any:
+    """``<name>.py``, uploaded beside this file (``wanted`` says what the config asked for)."""
+    import importlib
+
     here = str(Path(__file__).resolve().parent)
     if here not in sys.path:  # `python -I` leaves the script's folder out
         sys.path.insert(0, here)
     try:
-        import export
+        return importlib.import_module(name)
     except ImportError:
-        raise ConfigProblem("config.json asks for an export, but export.py is not next to train.py "
-                            f"in {Path(__file__).resolve().parent}: upload it with the trainer") from None
-    return export
+        raise ConfigProblem(f"config.json asks for {wanted}, but {name}.py is not next to train.py "
+                            f"in {here}: upload it with the trainer") from None
+
+
+def load_exporter() -> Any:
+    """export.py, uploaded beside this file."""
+    return load_beside("export", "an export")
+
+
+def load_evaluator() -> Any:
+    """evaluate.py, uploaded beside this file."""
+    return load_beside("evaluate", "an evaluation")
 
 
 def check_export(cfg: TrainConfig) -> Any:
@@ -778,9 +804,57 @@ def run_export(cfg: TrainConfig, run: RunDir, ecfg: Any) -> tuple[dict[str, Any]
     return {"enabled": True, "error": error}, []
 
 
+# --- evaluation (the quality gate) ----------------------------------------------------------
+
+
+def check_evaluation(cfg: TrainConfig, run: RunDir) -> Any:
+    """Before any training: the evaluation's settings and inputs."""
+    evaluate = load_evaluator()
+    try:
+        vcfg = evaluate.EvalConfig.from_dict(cfg.evaluate)
+        evaluate.check(vcfg, run.root)
+    except ValueError as exc:
+        raise ConfigProblem(f"config.json: {exc}") from None
+    except evaluate.EvaluationProblem as exc:
+        raise ConfigProblem(str(exc)) from None
+    return vcfg
+
+
+def run_evaluation(cfg: TrainConfig, run: RunDir, vcfg: Any) -> tuple[dict[str, Any], list[Path]]:
+    """(the manifest's ``eval`` entry, files to list). eval.json from an earlier attempt is reused.
+    A failure is recorded as ``{"error": ...}`` (no eval.json), never raised: the adapter is still
+    shipped, and without numbers the daemon does not promote it."""
+    evaluate = load_evaluator()
+    done = evaluate.read_result(run.root)
+    if done is not None:
+        log(f"{evaluate.EVAL_FILE} is there already; not evaluating again")
+        return done, [run.root / evaluate.EVAL_FILE]
+
+    def progress(line: dict[str, Any]) -> None:
+        with run.progress.open("a") as fh:
+            fh.write(json.dumps(line) + "\n")
+
+    seal_progress(run.progress)
+    job = evaluate.Evaluation(run.root, run.adapter, cfg.base_model, vcfg, cfg.max_seq_length,
+                              cfg.load_in_4bit, progress)
+    try:
+        return job.run(), [job.out]
+    except Exception as exc:
+        if is_oom(exc):
+            error = "out of memory while evaluating: " + _one_line(exc)
+        else:
+            import traceback
+
+            traceback.print_exc()
+            error = f"{type(exc).__name__}: {_one_line(exc)}"
+    progress({"phase": "evaluating", "status": "failed", "error": error, "time": time.time()})
+    log(f"evaluation failed, shipping the adapter without numbers: {error}")
+    return {"error": error}, []
+
+
 def restart_for_export() -> None:
     """Replace this process with a fresh run of the same command (see the module docstring)."""
-    log("training done; restarting for the export with fresh memory")
+    log("training done; restarting for the evaluation / export with fresh memory")
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
@@ -837,18 +911,24 @@ def main(argv: list[str] | None = None, *, restart: bool = False) -> int:
         if cfg.unknown:
             log(f"note: ignoring unknown config keys {', '.join(cfg.unknown)}")
         ecfg = check_export(cfg) if cfg.export_enabled else None
+        vcfg = check_evaluation(cfg, run) if cfg.evaluate_enabled else None
         info = read_trained(run)
         if info is None:
             load_rows(run.dataset, required=True)  # fail in a second, before minutes of model loading
             info = train(cfg, run, started)
-            if ecfg is not None and restart:
+            if (ecfg is not None or vcfg is not None) and restart:
                 restart_for_export()
         else:
             log(f"the adapter was trained already ({info.get('steps')} steps); not training again")
         files: list[Path] = []
+        if vcfg is not None:
+            info["eval"], files = run_evaluation(cfg, run, vcfg)
+        known: dict[str, str] = {}
         if ecfg is not None:
-            info["export"], files = run_export(cfg, run, ecfg)
-        known = {MODEL_GGUF: info["export"]["sha256"]} if files else None  # hashed once, by the export
+            info["export"], exported = run_export(cfg, run, ecfg)
+            if exported:
+                known[MODEL_GGUF] = info["export"]["sha256"]  # hashed once, by the export
+            files += exported
         manifest = write_manifest(run, info, files, known)
     except ConfigProblem as exc:
         print(f"mhd-train: {exc}", file=sys.stderr, flush=True)
