@@ -198,12 +198,60 @@ def merge(ctx: click.Context, run_id: str) -> None:
     click.echo(f"run {run.id}: model {resp.get('model')}" + (f" ({resp['note']})" if resp.get("note") else ""))
 
 
-async def _merge_here(cfg: Config, run_id: str) -> dict[str, Any]:
-    """`mhd merge` without a running daemon: the same attempt, in this process."""
+async def _merge_here(cfg: Config, run_id: str, cmd: str = "merge") -> dict[str, Any]:
+    """`mhd merge` / `mhd promote` without a running daemon: the same attempt, in this process."""
     from mhd.daemon.merges import MergeRetrier
 
     retrier = MergeRetrier(cfg, _store(cfg), asyncio.Lock(), lambda keys: None)
-    return await retrier.attempt(run_id)
+    return await (retrier.promote(run_id) if cmd == "promote" else retrier.attempt(run_id))
+
+
+@main.command()
+@click.argument("run_id")
+@click.pass_context
+def promote(ctx: click.Context, run_id: str) -> None:
+    """Register a run the quality gate rejected (your call: the gate's numbers said it is worse)."""
+    cfg = _cfg(ctx)
+    run = _find_run(cfg, run_id)
+    from mhd.daemon.client import DaemonNotRunning, request
+
+    try:
+        resp = request(cfg.socket_path, "promote", timeout=3600, run_id=run.id)
+    except (DaemonNotRunning, OSError):
+        resp = asyncio.run(_merge_here(cfg, run.id, "promote"))
+    for line in resp.get("log") or []:
+        click.echo(f"  {line}")
+    if not resp.get("ok"):
+        _die(f"promote of run {run.id} failed: {resp.get('error')}", EXIT_FAIL)
+    click.echo(resp.get("note") or f"run {run.id}: promoted, model {resp.get('model')}")
+
+
+@main.command(name="eval")
+@click.argument("run_id", required=False)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def eval_cmd(ctx: click.Context, run_id: str | None, as_json: bool) -> None:
+    """The quality gate's numbers for a run, its decision, and base vs new answers side by side."""
+    cfg = _cfg(ctx)
+    run = _find_run(cfg, run_id)
+    from mhd.quality.gate import eval_view
+    from mhd.states.merging import fetched_eval
+
+    view = eval_view(run)
+    ev = fetched_eval(cfg, run.id) or {}
+    if as_json:
+        click.echo(json.dumps({"run_id": run.id, "eval": view, "generations": ev.get("generations") or []}, indent=2))
+        return
+    if view is None:
+        _die(f"run {run.id} has no evaluation (it did not reach Merging, or predates the gate)", EXIT_FAIL)
+    click.echo(f"# run {run.id}: {view['decision']}")
+    click.echo(view["reason"])
+    for name in ("heldout", "probe"):
+        cells = [f"{k} {view.get(f'{name}_nll_{k}'):.4f}" for k in ("base", "current", "new")
+                 if view.get(f"{name}_nll_{k}") is not None]
+        click.echo(f"{name:>8} (n={view.get(f'{name}_count')}): " + (", ".join(cells) or "-"))
+    for g in ev.get("generations") or []:
+        click.echo(f"\n> {g.get('prompt')}\n  base: {g.get('base')}\n  new:  {g.get('new')}")
 
 
 @main.command()

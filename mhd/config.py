@@ -129,6 +129,7 @@ class DatasetConfig(_Section):
     max_samples: int = Field(500, ge=1)
     max_file_bytes: int = Field(1_000_000, ge=1024)
     holdout_fraction: float = Field(0.0, ge=0, lt=1)
+    holdout_min: int = Field(0, ge=0)  # set from [eval] min_count when the gate is on
     half_life_days: float = Field(30.0, gt=0)
     not_ready_grace_s: float = Field(10.0, ge=0)
 
@@ -153,6 +154,26 @@ class MergeConfig(_Section):
         if self.mode is not None:
             return self.mode
         return "ollama" if self.ollama_url else "none"
+
+
+class EvalConfig(_Section):
+    """The quality gate: a run's model is promoted only if it beats the base (and today's model).
+
+    ``enabled = false`` promotes every finished run unchecked: unsafe for an unattended daemon.
+    """
+
+    enabled: bool = True
+    # Held-out memories: chosen by key (stable across runs), never trained on.
+    fraction: float = Field(0.1, gt=0, lt=0.5)
+    min_count: int = Field(8, ge=1)
+    # held-out NLL(new) ≤ NLL(base) * (1 - min_gain)
+    min_gain: float = Field(0.02, ge=0, lt=1)
+    # held-out NLL(new) ≤ NLL(current) * (1 + tolerance), when a model is promoted already
+    tolerance: float = Field(0.01, ge=0)
+    # probe NLL(new) ≤ probe NLL(base) * (1 + max_probe_regression)
+    max_probe_regression: float = Field(0.05, ge=0)
+    generate: int = Field(3, ge=0, le=20)
+    max_new_tokens: int = Field(48, ge=1, le=512)
 
 
 class WebConfig(_Section):
@@ -213,6 +234,7 @@ class Config(_Section):
     dataset: DatasetConfig = Field(default_factory=DatasetConfig)
     merge: MergeConfig = Field(default_factory=MergeConfig)
     web: WebConfig = Field(default_factory=WebConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     local: LocalConfig = Field(default_factory=LocalConfig)
     retry: RetryConfig = Field(default_factory=RetryConfig)
 

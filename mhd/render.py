@@ -63,6 +63,8 @@ def render_status(st: dict[str, Any]) -> Group:
         last = st["last_run"]
         t.add_row("last run", f"{last['id']}: {last['outcome'] or last['state']}"
                   + (f" — {last['error']}" if last.get("error") else ""))
+        if (ev := last.get("eval")) and last.get("outcome") != "rejected":
+            t.add_row("quality gate", f"{ev.get('decision')}: {ev.get('reason')}")
     if mw := st.get("merge_waiting"):
         when = time.strftime("%H:%M:%S", time.localtime(mw["next_retry_at"])) if mw.get("next_retry_at") else "-"
         t.add_row("merge waiting", f"run {mw['run_id']}: {mw['attempts']} attempt(s), next at {when} "
@@ -72,9 +74,16 @@ def render_status(st: dict[str, Any]) -> Group:
     return Group(*parts)
 
 
+def _nll(ev: dict[str, Any] | None) -> str:
+    if not ev or ev.get("heldout_nll_base") is None or ev.get("heldout_nll_new") is None:
+        return "probe only" if ev and ev.get("probe_nll_new") is not None else "-"
+    return f"{ev['heldout_nll_base']:.3f} → {ev['heldout_nll_new']:.3f}"
+
+
 def render_runs(runs: list[dict[str, Any]]) -> Table:
     t = Table(title="mhd runs")
-    for col in ("run", "trigger", "outcome", "duration", "pod time", "cost", "samples", "loss", "model"):
+    for col in ("run", "trigger", "outcome", "duration", "pod time", "cost", "samples", "loss",
+                "held-out NLL base → new", "decision", "model"):
         t.add_column(col)
     for r in runs:
         outcome = r["outcome"] or f"({r['state']})"
@@ -83,7 +92,8 @@ def render_runs(runs: list[dict[str, Any]]) -> Table:
         model = (r.get("model_name") or "-") + (" *" if r.get("model_active") else "")
         t.add_row(r["id"], r["trigger"], outcome, duration(r["duration_s"]), duration(r["billed_s"]),
                   f"${r['cost_usd']:.2f}", str(r["samples"] if r["samples"] is not None else "-"),
-                  f"{r['final_loss']:.3f}" if r.get("final_loss") is not None else "-", model)
+                  f"{r['final_loss']:.3f}" if r.get("final_loss") is not None else "-", _nll(r.get("eval")),
+                  (r.get("eval") or {}).get("decision") or "-", model)
     # Why a run did not succeed, under the table (the reason names the check and its fix).
     notes = [f"{r['id']}: {r['error']}" for r in runs if r.get("error") and r.get("outcome") != "succeeded"]
     if notes:

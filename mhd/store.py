@@ -40,7 +40,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 from mhd.errors import MhdError
 from mhd.states.model import ACTIVE_STATES, Outcome, RunState
 
-# 2: runs.merge_attempts / merge_retry_at (a failed merge is retried, never retrained).
+# 2: runs.merge_attempts / merge_retry_at (a failed merge is retried, never retrained);
+#    runs.eval_json / eval_decision (the quality gate's numbers and verdict).
 # Older databases are upgraded in place at start (added columns only; see ``_migrate``).
 SCHEMA_VERSION = 2
 
@@ -112,6 +113,9 @@ class Run(Base):
     # a failed merge waits for its retry (the adapter is kept; the pod is long gone)
     merge_attempts: Mapped[int] = mapped_column(Integer, default=0)
     merge_retry_at: Mapped[float | None] = mapped_column(Float)
+    # the quality gate: numbers + decision + reason (JSON; no memory text), and the decision alone
+    eval_json: Mapped[str | None] = mapped_column(Text)
+    eval_decision: Mapped[str | None] = mapped_column(String(16))
 
     # Derived views ---------------------------------------------------------------------------
     @property

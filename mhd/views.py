@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from mhd.quality.gate import eval_view
 from mhd.states.model import RunState
 from mhd.store import Run, Store, now
 
@@ -45,6 +46,7 @@ def run_dict(run: Run, at: float | None = None) -> dict[str, Any]:
         "job_launches": run.job_launches,
         "adapter_sha256": run.adapter_sha256,
         "model_name": run.model_name,
+        "eval": eval_view(run),
         "merge_attempts": run.merge_attempts,
         "merge_retry_at": run.merge_retry_at,
     }

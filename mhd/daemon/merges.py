@@ -107,3 +107,29 @@ class MergeRetrier:
             log.info("run %s: merged on attempt %d: %s", run_id, attempts, model)
         self.on_merged(keys)
         return {"ok": True, "run_id": run_id, "model": model, "attempts": attempts, "log": lines}
+
+    async def promote(self, run_id: str) -> dict[str, Any]:
+        """`mhd promote RUN`: register a run the quality gate rejected — the owner's call."""
+        async with self.lock:
+            run = self.store.get_run(run_id)
+            if run is None:
+                return {"ok": False, "error": f"no run {run_id}"}
+            if run.outcome is Outcome.SUCCEEDED:
+                return {"ok": True, "run_id": run.id, "model": run.model_name,
+                        "note": f"run {run.id} is promoted already ({run.model_name or 'adapter kept'}): nothing to do"}
+            if run.outcome is not Outcome.REJECTED:
+                return {"ok": False, "error": f"run {run.id} was not rejected by the quality gate "
+                                              f"({run.outcome.value if run.outcome else run.state.value}); "
+                                              "`mhd merge RUN` retries a failed merge"}
+            lines: list[str] = []
+            try:
+                model = await merge_adapter(self.cfg, self.store, run_id, lines.append)
+            except (MergeError, OSError, ValueError) as exc:
+                return {"ok": False, "run_id": run_id, "error": str(exc), "log": lines}
+            keys = record_merged(self.store, self.cfg, run_id)
+            self.store.update_run(run_id, outcome=Outcome.SUCCEEDED, error=None, model_name=model,
+                                  eval_decision="promoted_by_owner")
+            self.store.add_event(run_id, "promote", f"promoted by the owner despite the gate: {model or 'adapter'}")
+            log.info("run %s: promoted by the owner (`mhd promote`): %s", run_id, model)
+        self.on_merged(keys)
+        return {"ok": True, "run_id": run_id, "model": model, "log": lines}

@@ -153,10 +153,12 @@ class Daemon:
                 return {"ok": False, "error": f"run {active.id} is already active ({active.state.value})"}
             run_id = self.start_run("manual")
             return {"ok": run_id is not None, "run_id": run_id}
-        if cmd == "merge":
+        if cmd in ("merge", "promote"):
             run = self.store.get_run(str(req.get("run_id") or "")) or self.store.find_run(str(req.get("run_id") or ""))
             if run is None:
                 return {"ok": False, "error": f"no run {req.get('run_id')}"}
+            if cmd == "promote":
+                return await self.merges.promote(run.id)
             return await self.merges.attempt(run.id)
         if cmd == "cancel":
             active = self.store.active_run()

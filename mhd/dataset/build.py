@@ -142,13 +142,28 @@ def _order(chosen: list[_Candidate]) -> list[_Candidate]:
     return sorted(chosen, key=lambda c: (c.timestamp or oldest, c.key))
 
 
-def _split(chosen: list[_Candidate], fraction: float) -> tuple[list[_Candidate], list[_Candidate]]:
+def _split(chosen: list[_Candidate], fraction: float, minimum: int = 0) -> tuple[list[_Candidate], list[_Candidate]]:
+    """(train, held out). A memory is held out when its key's hash falls below ``fraction``: the
+    same memory stays held out run after run, so scores compare across runs. Below ``minimum``
+    the lowest hashes top it up; with fewer than twice ``minimum`` memories nothing is held out
+    (the gate then says so and decides on its probe set alone)."""
     n = len(chosen)
     if fraction <= 0 or n < 2:
         return chosen, []
-    n_eval = min(max(1, round(n * fraction)), n - 1)
-    held = {c.key for c in sorted(chosen, key=lambda c: _in_eval(c.key))[:n_eval]}
-    return [c for c in chosen if c.key not in held], [c for c in chosen if c.key in held]
+    ranked = sorted(chosen, key=lambda c: _in_eval(c.key))
+    held_keys = {c.key for c in ranked if int(_in_eval(c.key)[:16], 16) / 2.0**64 < fraction}
+    if minimum:
+        if n < 2 * minimum:
+            return chosen, []
+        for c in ranked:
+            if len(held_keys) >= minimum:
+                break
+            held_keys.add(c.key)
+    if not held_keys and not minimum:
+        held_keys = {ranked[0].key}  # the old contract of holdout_fraction: at least one
+    if len(held_keys) >= n:
+        held_keys = {c.key for c in ranked[:n - 1]}
+    return [c for c in chosen if c.key not in held_keys], [c for c in chosen if c.key in held_keys]
 
 
 def _iso(ts: datetime | None) -> str | None:
@@ -188,7 +203,7 @@ def build_dataset(memory_dir: Path, out_dir: Path, cfg: DatasetConfig, *, now: d
     now = now or datetime.now(UTC)
     tally, heap = _scan(memory_dir, cfg, now.timestamp())
     chosen = _order(heap)
-    train, held = _split(chosen, cfg.holdout_fraction)
+    train, held = _split(chosen, cfg.holdout_fraction, cfg.holdout_min)
     out_dir.mkdir(parents=True, exist_ok=True)
     system = system_prompt(cfg)
     sha = _write_jsonl(out_dir / DATASET, train, system)
@@ -225,4 +240,6 @@ def _manifest(tally: _Tally, chosen: list[_Candidate], train: list[_Candidate], 
         "voice": cfg.voice,
         "memory_keys": sorted(tally.memory_keys),
         "sample_keys": sorted(c.key for c in chosen),
+        "train_keys": sorted(c.key for c in train),
+        "heldout_keys": sorted(c.key for c in held),
     }

@@ -12,9 +12,11 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from mhd.config import Config
 from mhd.errors import MergeError
+from mhd.quality.gate import Decision, decide
 from mhd.states.context import RunContext
 from mhd.states.fetching import terminate_pod
 from mhd.states.machine import RunMachine
@@ -55,9 +57,42 @@ def record_merged(store: Store, cfg: Config, run_id: str) -> list[str]:
     return keys
 
 
+def fetched_eval(cfg: Config, run_id: str) -> dict[str, Any] | None:
+    """The pod's evaluation (eval.json, verified like the adapter), or the manifest's note of its failure."""
+    out = cfg.runs_dir / run_id / "output"
+    try:
+        return dict(json.loads((out / "eval.json").read_text()))
+    except (OSError, ValueError):
+        pass
+    try:
+        ev = json.loads((out / "manifest.json").read_text()).get("eval")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return dict(ev) if isinstance(ev, dict) else None
+
+
+def gate(ctx: RunContext, run: Run) -> Decision:
+    """Decide once per run (re-entering Merging reuses the recorded decision)."""
+    if run.eval_json:
+        d = json.loads(run.eval_json)
+        return Decision(d["decision"], d["reason"], tuple(d.get("failed") or ()), d.get("numbers") or {})
+    decision = decide(fetched_eval(ctx.cfg, run.id), ctx.cfg.eval)
+    ctx.store.update_run(run.id, eval_json=decision.as_json(), eval_decision=decision.decision)
+    ctx.append_log(run, f"quality gate: {decision.reason}")
+    ctx.log.info("run %s: quality gate: %s", run.id, decision.reason)
+    return decision
+
+
 async def act(ctx: RunContext, m: RunMachine) -> None:
     run = ctx.check(m.run.id)
     run = await terminate_pod(ctx, run, "run reached Merging")
+    decision = gate(ctx, run)
+    if not decision.promote:
+        # Kept on disk (adapter + eval report); nothing registered, the alias stays where it is.
+        ctx.store.add_event(run.id, "gate", decision.reason)
+        m.fire("merged", reason=decision.reason, outcome=Outcome.REJECTED, error=decision.reason,
+               finished_at=now())
+        return
     model: str | None = None
     try:
         async with ctx.merge_lock:

@@ -32,6 +32,8 @@ class Outcome(enum.Enum):
     NO_DATA = "no_data"
     # Something the run would need after training is missing here: no pod was rented.
     PREFLIGHT_FAILED = "preflight_failed"
+    # The quality gate found the new model no better: kept on disk, not registered.
+    REJECTED = "rejected"
 
     def is_success(self) -> bool:
         return self is Outcome.SUCCEEDED

@@ -29,14 +29,37 @@ from mhd.store import Run, now
 
 TRAINER = "train.py"
 EXPORTER = "export.py"  # imported by train.py when config.json asks for an export
+EVALUATOR = "evaluate.py"  # imported by train.py for the quality gate's Evaluating phase
+PROBE = Path(__file__).resolve().parent.parent / "quality" / "probe.jsonl"
+CURRENT_ADAPTER = "current_adapter"
 
 
 def trainer_config(ctx: RunContext, export: dict[str, Any] | None = None) -> dict[str, Any]:
     t = ctx.cfg.training
     data = t.model_dump(mode="json", exclude={"script", "python", "extra"})
     data["export"] = export if export is not None else {"enabled": False}
+    e = ctx.cfg.eval
+    data["evaluate"] = {"enabled": e.enabled, "generate": e.generate, "max_new_tokens": e.max_new_tokens,
+                        "current_adapter": None}
     data.update(t.extra)
     return data
+
+
+def current_adapter(ctx: RunContext) -> tuple[str, Path] | None:
+    """(run id, adapter dir) of the model promoted today, when it was trained on the same base."""
+    from mhd.quality.gate import promoted_run
+
+    run_id = promoted_run(ctx.store)
+    if run_id is None:
+        return None
+    adapter = ctx.cfg.runs_dir / run_id / "output" / "adapter"
+    try:
+        base = json.loads((ctx.cfg.runs_dir / run_id / "input" / "config.json").read_text()).get("base_model")
+    except (OSError, ValueError):
+        return None
+    if base != ctx.cfg.training.base_model or not (adapter / "adapter_config.json").is_file():
+        return None
+    return run_id, adapter
 
 
 async def export_settings(ctx: RunContext) -> dict[str, Any]:
@@ -86,13 +109,26 @@ def _build_dataset(ctx: RunContext, run: Run) -> dict[str, Any]:
     staging = ctx.run_dir(run) / "input.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    return dict(build_dataset(ctx.cfg.memory_dir, staging, ctx.cfg.dataset))
+    dcfg = ctx.cfg.dataset
+    if ctx.cfg.eval.enabled:  # the gate's held-out split: stable by key, never trained on
+        dcfg = dcfg.model_copy(update={"holdout_fraction": ctx.cfg.eval.fraction,
+                                       "holdout_min": ctx.cfg.eval.min_count})
+    return dict(build_dataset(ctx.cfg.memory_dir, staging, dcfg))
 
 
 def _finish_inputs(ctx: RunContext, run: Run, export: dict[str, Any] | None) -> None:
     """Config, scripts and job env next to the dataset; then staging becomes ``input``."""
     staging = ctx.run_dir(run) / "input.tmp"
-    (staging / "config.json").write_text(json.dumps(trainer_config(ctx, export), indent=2))
+    config = trainer_config(ctx, export)
+    if ctx.cfg.eval.enabled:
+        shutil.copyfile(POD_FILES_DIR / EVALUATOR, staging / EVALUATOR)
+        shutil.copyfile(PROBE, staging / "probe.jsonl")
+        if (current := current_adapter(ctx)) is not None:
+            # The model served today is scored on the same held-out set (its adapter is small).
+            shutil.copytree(current[1], staging / CURRENT_ADAPTER)
+            config["evaluate"]["current_adapter"] = CURRENT_ADAPTER
+            config["evaluate"]["current_run"] = current[0]
+    (staging / "config.json").write_text(json.dumps(config, indent=2))
     script = ctx.cfg.training.script or POD_FILES_DIR / TRAINER
     shutil.copyfile(script, staging / TRAINER)
     shutil.copyfile(POD_FILES_DIR / EXPORTER, staging / EXPORTER)
@@ -175,4 +211,5 @@ async def _preflight(ctx: RunContext, run: Run) -> None:
 
 
 def input_files(ctx: RunContext, run: Run) -> list[Path]:
-    return sorted(p for p in (ctx.run_dir(run) / "input").iterdir() if p.is_file())
+    """Every file to upload, subfolders (``current_adapter/``) included."""
+    return sorted(p for p in (ctx.run_dir(run) / "input").rglob("*") if p.is_file())

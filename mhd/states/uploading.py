@@ -19,8 +19,15 @@ async def act(ctx: RunContext, m: RunMachine) -> None:
     if res.exit_status != 0:
         raise RemoteError(f"cannot create {remote} on the pod: {res.stderr.strip()}")
     sent = skipped = 0
-    for path in input_files(ctx, run):
-        target = f"{remote}/{path.name}"
+    inputs = ctx.run_dir(run) / "input"
+    files = input_files(ctx, run)
+    subdirs = sorted({str(p.parent.relative_to(inputs)) for p in files} - {"."})
+    if subdirs:
+        res = await session.run("mkdir -p " + " ".join(shlex.quote(f"{remote}/{d}") for d in subdirs))
+        if res.exit_status != 0:
+            raise RemoteError(f"cannot create folders in {remote} on the pod: {res.stderr.strip()}")
+    for path in files:
+        target = f"{remote}/{path.relative_to(inputs)}"
         if path.name == "job.env":
             await session.write_file(target, path.read_bytes(), mode=0o600)
             continue

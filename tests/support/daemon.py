@@ -37,6 +37,8 @@ def base_config(tmp: Path, **overrides: Any) -> tuple[dict[str, Any], dict[str, 
         "web": {"enabled": False},
         "merge": {"mode": "none"},
         "dataset": {"min_chars": 5},
+        # The fake trainer has no Evaluating phase; the gate's own tests run the real trainer.
+        "eval": {"enabled": False},
     }
     for k, v in overrides.items():
         if isinstance(v, dict):

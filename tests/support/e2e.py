@@ -147,6 +147,8 @@ class E2E:
             "retry": {"base_s": 0.2, "max_s": 2.0},
             "dataset": {"min_chars": 5},
             "web": {"enabled": False},
+            # Off unless a test is about the gate (tests/e2e/test_quality_gate.py): it adds a scoring pass.
+            "eval": {"enabled": False},
         }
         if provider == "runpod":
             assert self.runpod is not None, "use_runpod() first"

@@ -200,11 +200,36 @@ def test_holdout_split_is_disjoint_and_stale_eval_removed(tmp_path: Path) -> Non
     m = build_dataset(root, tmp_path / "out", cfg(holdout_fraction=0.25), now=NOW)
     train = {r["key"] for r in records(tmp_path / "out" / "dataset.jsonl")}
     held = {r["key"] for r in records(tmp_path / "out" / "eval.jsonl")}
-    assert not train & held and len(held) == m["eval_samples"] == round(len(train | held) * 0.25)
+    assert not train & held and len(held) == m["eval_samples"] > 0
+    # The rule is per key: a memory is held out iff its key hashes below the fraction.
+    u = {k: int(hashlib.sha256(f"holdout:{k}".encode()).hexdigest()[:16], 16) / 2.0**64 for k in train | held}
+    assert held == {k for k, x in u.items() if x < 0.25}
     assert m["eval_sha256"] == hashlib.sha256((tmp_path / "out" / "eval.jsonl").read_bytes()).hexdigest()
 
     m = build_dataset(root, tmp_path / "out", cfg(holdout_fraction=0), now=NOW)
     assert m["eval_samples"] == 0 and not (tmp_path / "out" / "eval.jsonl").exists()
+
+
+def test_held_out_memories_stay_held_out_as_memories_are_added(tmp_path: Path) -> None:
+    root = write_examples_to(tmp_path / "episodic")
+    first = build_dataset(root, tmp_path / "a", cfg(holdout_fraction=0.1, holdout_min=8), now=NOW)
+    for i in range(30):
+        write(root, f"extra-{i}.json", memory(f"An extra memory number {i} about the long walk home today.",
+                                               timestamp=stamp(1)))
+    second = build_dataset(root, tmp_path / "b", cfg(holdout_fraction=0.1, holdout_min=8), now=NOW)
+    assert len(first["heldout_keys"]) >= 8
+
+    def by_rule(keys: list[str]) -> set[str]:  # held out by the fraction itself (not a top-up to the minimum)
+        return {k for k in keys if int(hashlib.sha256(f"holdout:{k}".encode()).hexdigest()[:16], 16) / 2.0**64 < 0.1}
+
+    assert by_rule(first["heldout_keys"]) and by_rule(first["heldout_keys"]) <= set(second["heldout_keys"])
+    assert not set(second["heldout_keys"]) & set(second["train_keys"])
+
+
+def test_too_few_memories_for_the_minimum_hold_nothing_out(tmp_path: Path) -> None:
+    root = write_examples_to(tmp_path / "episodic")
+    m = build_dataset(root, tmp_path / "out", cfg(holdout_fraction=0.1, holdout_min=1000), now=NOW)
+    assert m["eval_samples"] == 0 and m["heldout_keys"] == []
 
 
 def test_control_characters_and_spacing_are_cleaned(mems: Path, tmp_path: Path) -> None:
