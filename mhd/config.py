@@ -106,6 +106,10 @@ class TrainingConfig(_Section):
     script: Path | None = None
     # Interpreter on the remote host (the pod image's python, or this venv for `local`).
     python: str = "python3"
+    # The pod's packages from mhd/pod/requirements.lock (bootstrap.sh, before the trainer): "auto"
+    # installs them when `python` lacks torch/transformers/peft/trl/datasets (a stock image),
+    # "always" whatever it has, "never" trusts `python` as it is.
+    bootstrap: Literal["auto", "always", "never"] = "auto"
     # Extra keys merged into config.json (forward-compatible knobs of the trainer).
     extra: dict[str, Any] = {}
 
