@@ -58,7 +58,15 @@ class RunpodConfig(_Section):
     api_url: str = "https://api.runpod.io/v2"
     gpu_types: list[str] = ["NVIDIA RTX A6000", "NVIDIA A40", "NVIDIA GeForce RTX 4090"]
     gpu_count: int = Field(1, ge=1)
-    image: str = "ghcr.io/mhd-project/mhd-trainer:0.1.0"
+    # RunPod's stock PyTorch image (CPython 3.11, the lock's): the pod installs the trainer's
+    # packages from the lock on its first run (training.bootstrap), into /workspace when a volume
+    # is there. The custom image (image/README.md, e.g. ghcr.io/<you>/mhd-trainer:0.1.0) starts
+    # training minutes sooner.
+    image: str = "runpod/pytorch:2.8.0-py3.11-cuda12.8.1-cudnn-devel-ubuntu22.04"
+    # The pod's start command: "auto" sends mhd's (image/start.sh: sshd, installed if missing,
+    # key-only login, the container's env for SSH sessions) unless the image is an mhd-trainer
+    # image, which runs it itself; "always" / "never" force it.
+    start_script: Literal["auto", "always", "never"] = "auto"
     cloud: Literal["SECURE", "COMMUNITY", "ALL"] = "SECURE"
     disk_gb: int = Field(100, ge=10)
     volume_gb: int = Field(0, ge=0)
@@ -106,6 +114,10 @@ class TrainingConfig(_Section):
     script: Path | None = None
     # Interpreter on the remote host (the pod image's python, or this venv for `local`).
     python: str = "python3"
+    # The pod's packages from mhd/pod/requirements.lock (bootstrap.sh, before the trainer): "auto"
+    # installs them when `python` lacks torch/transformers/peft/trl/datasets (a stock image),
+    # "always" whatever it has, "never" trusts `python` as it is.
+    bootstrap: Literal["auto", "always", "never"] = "auto"
     # Extra keys merged into config.json (forward-compatible knobs of the trainer).
     extra: dict[str, Any] = {}
 

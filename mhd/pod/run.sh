@@ -22,8 +22,25 @@ if [ -f job.env ]; then
   . ./job.env
   set +a
 fi
-echo "mhd: launcher $$ starting ${MHD_TRAINER:-train.py} at $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-"${MHD_PYTHON:-python3}" -u "${MHD_TRAINER:-train.py}" --run-dir "$dir"
-code=$?
-echo "mhd: trainer exited with $code at $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+# A stock image gets the trainer's packages from the lock first (bootstrap.sh: once per volume).
+code=0
+if [ -n "${MHD_BOOTSTRAP:-}" ] && [ "$MHD_BOOTSTRAP" != never ]; then
+  rm -f bootstrap.err
+  if py=$(MHD_BOOTSTRAP_ERR="$dir/bootstrap.err" sh "$dir/bootstrap.sh" "$dir/requirements.lock"); then
+    MHD_PYTHON=$py
+  else
+    code=4
+  fi
+fi
+if [ "$code" = 0 ]; then
+  echo "mhd: launcher $$ starting ${MHD_TRAINER:-train.py} at $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  "${MHD_PYTHON:-python3}" -u "${MHD_TRAINER:-train.py}" --run-dir "$dir"
+  code=$?
+fi
+if [ -s bootstrap.err ] && [ "$code" = 4 ]; then
+  # the last line of train.log becomes the run's reason: make it the bootstrap's own error
+  echo "mhd: the trainer was not started, exit 4; $(tail -n 1 bootstrap.err)"
+else
+  echo "mhd: trainer exited with $code at $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+fi
 echo "$code" > exit_code.tmp && mv exit_code.tmp exit_code

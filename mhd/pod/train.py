@@ -440,16 +440,22 @@ def load_model(cfg: TrainConfig, backend: str) -> tuple[Any, Any, Any]:
 def _load_unsloth(cfg: TrainConfig) -> tuple[Any, Any, Any]:
     from unsloth import FastLanguageModel  # before transformers/trl: it patches them on import
 
-    model, tokenizer = FastLanguageModel.from_pretrained(
-        model_name=cfg.base_model, max_seq_length=cfg.max_seq_length, dtype=half_dtype(),
-        load_in_4bit=cfg.load_in_4bit,
-    )
-    model = FastLanguageModel.get_peft_model(
-        model, r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-        target_modules=list(cfg.target_modules), bias="none", use_gradient_checkpointing="unsloth",
-        random_state=cfg.seed,
-    )
+    model, tokenizer = FastLanguageModel.from_pretrained(**unsloth_load_kwargs(cfg, half_dtype()))
+    model = FastLanguageModel.get_peft_model(model, **unsloth_peft_kwargs(cfg))
     return model, tokenizer, None
+
+
+# The keywords of the two unsloth calls, apart from the calls: a CPU test checks each name against
+# the signatures in the locked unsloth's source (tests/integration/test_trainer_lock.py).
+def unsloth_load_kwargs(cfg: TrainConfig, dtype: Any) -> dict[str, Any]:
+    return {"model_name": cfg.base_model, "max_seq_length": cfg.max_seq_length, "dtype": dtype,
+            "load_in_4bit": cfg.load_in_4bit}
+
+
+def unsloth_peft_kwargs(cfg: TrainConfig) -> dict[str, Any]:
+    return {"r": cfg.lora_rank, "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout,
+            "target_modules": list(cfg.target_modules), "bias": "none",
+            "use_gradient_checkpointing": "unsloth", "random_state": cfg.seed}
 
 
 def _load_plain(cfg: TrainConfig, backend: str) -> tuple[Any, Any, Any]:
@@ -495,20 +501,30 @@ def drop_overlong(rows: list[dict[str, Any]], tokenizer: Any, max_len: int) -> l
 
 
 def compat_kwargs(cls: Any, wanted: dict[str, Any]) -> dict[str, Any]:
-    """Map our argument names onto this trl/transformers version's (the image may pin older ones)."""
+    """Map our argument names onto this trl/transformers version's (older trl used other names).
+
+    An option this version has under neither name is an error, never dropped: a silently missing
+    ``max_length`` or ``bf16`` changes what the GPU hours buy. The pod installs the lock
+    (requirements.lock), and CI runs these arguments against its versions."""
     names = {f.name for f in fields(cls)}
     # our name → the name in versions that lack it (older trl for the first four; transformers 5
     # folded warmup_ratio into a fractional warmup_steps).
     renames = {"max_length": "max_seq_length", "activation_checkpointing": "gradient_checkpointing",
                "eval_strategy": "evaluation_strategy", "use_cpu": "no_cuda", "warmup_ratio": "warmup_steps"}
     out: dict[str, Any] = {}
+    missing: list[str] = []
     for key, value in wanted.items():
         if key in names:
             out[key] = value
         elif key in renames and renames[key] in names:
             out[renames[key]] = (not value) if key == "use_cpu" else value
         else:
-            log(f"note: this trl has no '{key}' option; leaving it out")
+            missing.append(key)
+    if missing:
+        have = ", ".join(f"{n} {v}" for n, v in _versions().items() if n in ("trl", "transformers"))
+        raise ConfigProblem(f"{getattr(cls, '__name__', cls)} of this trl/transformers ({have}) "
+                            f"has no option {', '.join(repr(k) for k in missing)}: the pod's packages do not match "
+                            "the lock (mhd/pod/requirements.lock)")
     return out
 
 

@@ -29,6 +29,7 @@ echoes the request), and never in ``repr``.
 from __future__ import annotations
 
 import asyncio
+import base64
 import email.utils
 import functools
 import logging
@@ -95,6 +96,21 @@ _GONE = object()
 
 # The one list of conditions the retry loop retries; everything else propagates at once.
 RETRY_ON: tuple[type[BaseException], ...] = (_Transient,)
+
+
+START_SCRIPT = Path(__file__).resolve().parents[1] / "pod" / "start.sh"
+
+
+def start_command(cfg: RunpodConfig) -> str | None:
+    """The container command for an image that lacks mhd's start (sshd, key, env), or None.
+
+    The script travels base64-encoded inside one single-quoted word, so however the API splits
+    the string into argv, bash gets it intact; it holds no secret (those arrive as env)."""
+    wanted = cfg.start_script == "always" or (cfg.start_script == "auto" and "mhd-trainer" not in cfg.image)
+    if not wanted:
+        return None
+    encoded = base64.b64encode(START_SCRIPT.read_bytes()).decode()
+    return f"bash -c 'echo {encoded} | base64 -d | bash'"
 
 
 def load_api_key(cfg: RunpodConfig, environ: Mapping[str, str] | None = None) -> str:
@@ -402,6 +418,8 @@ class RunpodProvider:
             "ports": [SSH_PORT],
             "env": env,
         }
+        if start_command(self.cfg) is not None:
+            body["args"] = start_command(self.cfg)
         if self.cfg.network_volume_id:
             body["mounts"] = {"network": [{"volumeId": self.cfg.network_volume_id, "path": VOLUME_PATH}]}
         elif self.cfg.volume_gb:

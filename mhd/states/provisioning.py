@@ -32,11 +32,12 @@ EXPORTER = "export.py"  # imported by train.py when config.json asks for an expo
 EVALUATOR = "evaluate.py"  # imported by train.py for the quality gate's Evaluating phase
 PROBE = Path(__file__).resolve().parent.parent / "quality" / "probe.jsonl"
 CURRENT_ADAPTER = "current_adapter"
+BOOTSTRAP, LOCK = "bootstrap.sh", "requirements.lock"
 
 
 def trainer_config(ctx: RunContext, export: dict[str, Any] | None = None) -> dict[str, Any]:
     t = ctx.cfg.training
-    data = t.model_dump(mode="json", exclude={"script", "python", "extra"})
+    data = t.model_dump(mode="json", exclude={"script", "python", "bootstrap", "extra"})
     data["export"] = export if export is not None else {"enabled": False}
     e = ctx.cfg.eval
     data["evaluate"] = {"enabled": e.enabled, "generate": e.generate, "max_new_tokens": e.max_new_tokens,
@@ -90,7 +91,8 @@ async def export_settings(ctx: RunContext) -> dict[str, Any]:
 
 
 def job_env(ctx: RunContext) -> str:
-    env = {"MHD_PYTHON": ctx.cfg.training.python, "MHD_TRAINER": TRAINER, "PYTHONUNBUFFERED": "1"}
+    env = {"MHD_PYTHON": ctx.cfg.training.python, "MHD_TRAINER": TRAINER, "PYTHONUNBUFFERED": "1",
+           "MHD_BOOTSTRAP": ctx.cfg.training.bootstrap}
     # Secrets the trainer may need travel only in this 0600 file, never on a command line.
     for name in ("HF_TOKEN",):
         if os.environ.get(name):
@@ -133,6 +135,8 @@ def _finish_inputs(ctx: RunContext, run: Run, export: dict[str, Any] | None) -> 
     shutil.copyfile(script, staging / TRAINER)
     shutil.copyfile(POD_FILES_DIR / EXPORTER, staging / EXPORTER)
     shutil.copyfile(POD_FILES_DIR / LAUNCHER, staging / LAUNCHER)
+    for name in (BOOTSTRAP, LOCK):  # run.sh installs the lock's packages first where they are missing
+        shutil.copyfile(POD_FILES_DIR / name, staging / name)
     env_path = staging / "job.env"
     env_path.touch(mode=0o600)
     env_path.write_text(job_env(ctx))

@@ -162,13 +162,19 @@ class NewSFTConfig:
 
 def test_compat_kwargs_maps_renamed_options() -> None:
     wanted = {"output_dir": "x", "max_length": 128, "activation_checkpointing": True, "eval_strategy": "steps",
-              "use_cpu": True, "warmup_ratio": 0.1, "packing": False}
+              "use_cpu": True, "warmup_ratio": 0.1}
     assert T.compat_kwargs(OldSFTConfig, wanted) == {
         "output_dir": "x", "max_seq_length": 128, "gradient_checkpointing": True,
         "evaluation_strategy": "steps", "no_cuda": False, "warmup_ratio": 0.1}
     assert T.compat_kwargs(NewSFTConfig, wanted) == {
         "output_dir": "x", "max_length": 128, "activation_checkpointing": True, "eval_strategy": "steps",
         "use_cpu": True, "warmup_steps": 0.1}
+
+
+def test_compat_kwargs_fails_loudly_on_an_option_this_trl_lacks() -> None:
+    # Dropping it (as the trainer once did) would train with the library's default instead.
+    with pytest.raises(T.ConfigProblem, match=r"has no option 'packing'.*requirements\.lock"):
+        T.compat_kwargs(NewSFTConfig, {"output_dir": "x", "packing": False})
 
 
 def test_oom_detection_follows_the_cause_chain() -> None:

@@ -32,6 +32,7 @@ from mhd.remote.runpod import (
     parse_endpoint,
     parse_pod,
     parse_retry_after,
+    start_command,
 )
 from tests.support.runpod_standin import RunpodStandin
 
@@ -112,6 +113,7 @@ async def test_create_sends_the_v2_body_with_ssh_port_public_key_and_unattended_
         "ports": ["22/tcp"],
         "env": {"MHD_ROOT": "/workspace/mhd", "PUBLIC_KEY": PUB, "MHD_MAX_UNATTENDED": "5400"},
         "mounts": {"network": [{"volumeId": "vol_abc", "path": "/workspace"}]},
+        "args": start_command(RunpodConfig()),  # the stock image runs mhd's start script
     }
     assert pod.name == "mhd-run1" and pod.id in standin.pods
     assert pod.cost_per_hr == pytest.approx(0.44)
@@ -489,3 +491,20 @@ async def test_the_api_key_never_appears_in_logs_errors_or_reprs(standin: Runpod
     assert KEY not in caplog.text
     for text in texts:
         assert KEY not in text
+
+
+async def test_a_stock_image_gets_mhds_start_script_as_its_command() -> None:
+    import base64
+    import re
+
+    from mhd.remote.runpod import START_SCRIPT
+
+    cmd = start_command(RunpodConfig())  # the default: RunPod's stock PyTorch image
+    assert cmd is not None
+    m = re.fullmatch(r"bash -c 'echo ([A-Za-z0-9+/=]+) \| base64 -d \| bash'", cmd)
+    assert m is not None, cmd
+    assert base64.b64decode(m.group(1)) == START_SCRIPT.read_bytes()
+    assert b"ensure_sshd" in START_SCRIPT.read_bytes()
+    assert start_command(RunpodConfig(image="ghcr.io/me/mhd-trainer:0.1.0")) is None
+    assert start_command(RunpodConfig(image="ghcr.io/me/mhd-trainer:0.1.0", start_script="always")) == cmd
+    assert start_command(RunpodConfig(start_script="never")) is None
