@@ -64,7 +64,7 @@ def render_status(st: dict[str, Any]) -> Group:
         t.add_row("last run", f"{last['id']}: {last['outcome'] or last['state']}"
                   + (f" — {last['error']}" if last.get("error") else ""))
         if (ev := last.get("eval")) and last.get("outcome") != "rejected":
-            t.add_row("quality gate", f"{ev.get('decision')}: {ev.get('reason')}")
+            t.add_row("quality gate", str(ev.get("reason")))
     if mw := st.get("merge_waiting"):
         when = time.strftime("%H:%M:%S", time.localtime(mw["next_retry_at"])) if mw.get("next_retry_at") else "-"
         t.add_row("merge waiting", f"run {mw['run_id']}: {mw['attempts']} attempt(s), next at {when} "

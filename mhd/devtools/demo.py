@@ -138,6 +138,8 @@ def _follow(sock: Path, daemon: subprocess.Popen[bytes], timeout: float) -> int:
                 live.console.print(f"run {run_id}: {last['outcome']}"
                                    + (f" — {last['error']}" if last.get("error") else ""))
                 live.console.print(json.dumps(last["report"], indent=None)[:400])
+                if ev := last.get("eval"):
+                    live.console.print(f"quality gate: {ev['reason']}")
                 return 0 if last["outcome"] == "succeeded" else 1
             time.sleep(0.3)
     console.print("[red]timed out waiting for the run")

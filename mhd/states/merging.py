@@ -58,8 +58,12 @@ def record_merged(store: Store, cfg: Config, run_id: str) -> list[str]:
 
 
 def fetched_eval(cfg: Config, run_id: str) -> dict[str, Any] | None:
+    return read_eval(cfg.runs_dir / run_id)
+
+
+def read_eval(run_dir: Path) -> dict[str, Any] | None:
     """The pod's evaluation (eval.json, verified like the adapter), or the manifest's note of its failure."""
-    out = cfg.runs_dir / run_id / "output"
+    out = run_dir / "output"
     try:
         return dict(json.loads((out / "eval.json").read_text()))
     except (OSError, ValueError):

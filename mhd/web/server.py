@@ -13,6 +13,7 @@ Routes::
     /api/runs/<id>                  = views.run_dict(run)
     /api/runs/<id>/journal          the run's transitions (from, to, reason, at)
     /api/runs/<id>/progress         the run's progress lines
+    /api/runs/<id>/eval             the quality gate's numbers, decision and generations
     /api/runs/<id>/log[?lines=N]    tails of <runs_dir>/<id>/run.log and train.log
     /api/events                     server-sent events: one status() snapshot about every second
     /charts/<id>/loss.svg           loss curve (previous run faint behind it), server-rendered
@@ -183,6 +184,7 @@ class WebServer:
             (re.compile(r"^/api/runs/(?P<id>[^/]+)$"), self._api_run),
             (re.compile(r"^/api/runs/(?P<id>[^/]+)/journal$"), self._api_journal),
             (re.compile(r"^/api/runs/(?P<id>[^/]+)/progress$"), self._api_progress),
+            (re.compile(r"^/api/runs/(?P<id>[^/]+)/eval$"), self._api_eval),
             (re.compile(r"^/api/runs/(?P<id>[^/]+)/log$"), self._api_log),
             (re.compile(r"^/charts/(?P<id>[^/]+)/loss\.svg$"), self._chart_loss),
             (re.compile(r"^/charts/(?P<id>[^/]+)/gpu\.svg$"), self._chart_gpu),
@@ -434,6 +436,16 @@ class WebServer:
         run = self._run(m["id"])
         return Response.json([{"from_state": t.from_state.value, "to_state": t.to_state.value,
                                "reason": t.reason, "at": t.at} for t in self.store.journal(run.id)])
+
+    async def _api_eval(self, req: Request, m: re.Match[str]) -> Response:
+        """The gate's numbers and decision, and the base/new generations (what `mhd eval RUN --json` prints)."""
+        from mhd.quality.gate import eval_view
+        from mhd.states.merging import read_eval
+
+        run = self._run(m["id"])
+        ev = await asyncio.to_thread(read_eval, self.runs_dir / run.id) if self.runs_dir is not None else None
+        gens = (ev or {}).get("generations") or []
+        return Response.json({"run_id": run.id, "eval": eval_view(run), "generations": gens})
 
     async def _api_progress(self, req: Request, m: re.Match[str]) -> Response:
         return Response.json(self._points(self._run(m["id"]).id))

@@ -124,3 +124,28 @@ def test_a_run_trained_on_a_poisoned_dataset_is_rejected_with_its_numbers(e2e: E
     assert any(rule in last["error"] for rule in ("min_gain", "probe"))
     assert "mhd:latest" not in e2e.ollama.models and not e2e.ollama.create_bodies()
     assert d.stop() == 0
+
+
+def test_a_daemon_kill_and_a_link_cut_during_evaluating_never_retrain(e2e: E2E) -> None:
+    write_examples_to(e2e.memories)
+    e2e.configure(eval=GATE, training=TRAIN)
+    d = e2e.daemon().start()
+    run_id = e2e.start_run(d)
+    progress = e2e.remote_dir(run_id) / "progress.jsonl"
+
+    def evaluating() -> bool:
+        return progress.exists() and '"phase": "evaluating"' in progress.read_text(errors="replace")
+
+    # Frozen mid-evaluation, the job outlives both faults; then it goes on where it was.
+    with e2e.hold_trainer(run_id, at_step=1, when=evaluating):
+        assert e2e.proxy is not None
+        e2e.proxy.cut()
+        d.kill()
+        d = e2e.daemon().start()
+        d.wait_for(lambda: d.status()["state"] == "Training", 60, "the restarted daemon back in Training")
+    last = e2e.wait_run_end(d, run_id, timeout=400)
+    assert last["outcome"] == "succeeded", e2e.tail()
+    assert e2e.launches(run_id) == 1  # one trainer launch: nothing was trained twice
+    assert len(e2e.train_starts(run_id)) == 1
+    assert last["eval"]["decision"] == "promoted"
+    assert d.stop() == 0

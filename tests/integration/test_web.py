@@ -472,3 +472,26 @@ def test_page_follows_a_run_from_training_to_idle_without_reload(tmp_path, brows
         web_side.close()
     shutil.copyfile(tmp_path / "web-training.png", SCREENSHOT_COPY)
     shutil.copyfile(tmp_path / "web-idle.png", SCREENSHOT_COPY.with_name("mhd-web-screenshot-idle.png"))
+
+
+def test_the_gate_card_gets_the_numbers_decision_and_generations_of_the_run(store, tmp_path):
+    from mhd.config import EvalConfig
+    from mhd.quality.gate import decide
+
+    run_id = finished_run(store, 4)
+    ev = {"format": 1, "heldout": {"count": 8, "tokens": 120, "base": 4.0, "new": 3.5, "current": 3.6},
+          "probe": {"count": 66, "tokens": 900, "base": 5.0, "new": 4.9, "current": 4.95},
+          "generations": [{"prompt": "How was the walk?", "base": "the the the", "new": "Lovely, by the river."}]}
+    out = tmp_path / "runs" / run_id / "output"
+    out.mkdir(parents=True)
+    (out / "eval.json").write_text(json.dumps(ev))
+    decision = decide(ev, EvalConfig())
+    store.update_run(run_id, eval_json=decision.as_json(), eval_decision=decision.decision)
+    with ServerThread(WebConfig(listen="127.0.0.1:0"), store, lambda: {}, runs_dir=tmp_path / "runs") as srv, \
+            httpx.Client(base_url=srv.url, timeout=30) as http:
+        got = http.get(f"/api/runs/{run_id}/eval").json()
+    assert got["eval"]["decision"] == "promoted" and got["eval"]["heldout_nll_current"] == 3.6
+    assert got["eval"]["probe_nll_new"] == 4.9 and "min_gain" in got["eval"]["reason"]
+    assert got["generations"] == ev["generations"]
+    page = (Path(__file__).resolve().parents[2] / "mhd" / "web" / "static" / "app.js").read_text()
+    assert "/eval`" in page and "renderGate" in page

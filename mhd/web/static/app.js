@@ -282,6 +282,52 @@
       (st.loss_history || []).length, g.gpu_util, g.gpu_mem_used].join("|");
   }
 
+  // Mean NLL per assistant token, base / current / new, per set (shorter bar = better), then the
+  // generations side by side. The numbers come from the run's eval (same as `mhd eval RUN`).
+  function renderGate(data) {
+    const box = $("gate-box");
+    const ev = data && data.eval;
+    if (!ev) { box.replaceChildren(node("p", "muted", "no evaluation for this run")); return; }
+    const parts = [node("p", "gate-decision " + (ev.decision === "rejected" ? "bad" : "ok"),
+      `${ev.decision}: ${ev.reason}`)];
+    const sets = [["held-out memories", "heldout"], ["probe set", "probe"]];
+    const values = [];
+    for (const [, key] of sets) for (const m of ["base", "current", "new"]) {
+      const v = ev[`${key}_nll_${m}`]; if (typeof v === "number") values.push(v);
+    }
+    const top = Math.max(...values, 1e-9);
+    for (const [label, key] of sets) {
+      const group = node("div", "gate-set");
+      group.appendChild(node("h3", null, `${label} (n=${ev[key + "_count"] || 0})`));
+      for (const m of ["base", "current", "new"]) {
+        const v = ev[`${key}_nll_${m}`];
+        if (typeof v !== "number") continue;
+        const row = node("div", "gate-row");
+        row.appendChild(node("span", "gate-label", m));
+        const bar = node("span", "gate-bar gate-" + m);
+        bar.style.width = (100 * v / top).toFixed(1) + "%";
+        row.appendChild(bar);
+        row.appendChild(node("span", "gate-value", v.toFixed(3)));
+        group.appendChild(row);
+      }
+      parts.push(group);
+    }
+    const gens = data.generations || [];
+    if (gens.length) {
+      const t = node("table", "gate-gens");
+      const head = node("tr");
+      for (const h of ["prompt", "base", "new"]) head.appendChild(node("th", null, h));
+      t.appendChild(head);
+      for (const g of gens) {
+        const tr = node("tr");
+        for (const k of ["prompt", "base", "new"]) tr.appendChild(node("td", null, g[k] || ""));
+        t.appendChild(tr);
+      }
+      parts.push(t);
+    }
+    box.replaceChildren(...parts);
+  }
+
   async function refreshDetails() {
     if (view.busy) { view.again = true; return; }
     view.busy = true;
@@ -292,6 +338,7 @@
       if (run) {
         const id = encodeURIComponent(run.id);
         jobs.push(getJSON(`/api/runs/${id}/journal`).then((j) => renderTimeline(j, st)));
+        jobs.push(getJSON(`/api/runs/${id}/eval`).then(renderGate));
         jobs.push(getText(`/charts/${id}/loss.svg`).then((svg) => swapSvg("loss-box", svg)));
         jobs.push(getText(`/charts/${id}/gpu.svg`).then((svg) => swapSvg("gpu-box", svg)));
       } else {
