@@ -1,4 +1,5 @@
-"""Every benchmark of issue 6 in one go: the daemon's (bench_daemon) and the transfers' (bench_transfer).
+"""Every benchmark of issue 6 in one go: the daemon's (bench_daemon) and the transfers' (bench_transfer);
+then issue 16's padding count (bench_padding, ~10 s).
 
     ./scripts/bench              # set-up, then both, then benchmarks/RESULTS.md
     ./scripts/bench --quick      # shorter windows and smaller transfers
@@ -12,6 +13,8 @@ it is about 5. ``--quick`` takes about 4.
 Each benchmark runs as its own process and writes its JSON under benchmarks/out/; this runner
 then collects both into benchmarks/out/all.json and writes benchmarks/RESULTS.md with the
 machine description. A benchmark that fails is reported as such; the other still runs.
+Sections that other benchmarks own in RESULTS.md (between ``<!-- begin:NAME -->`` and
+``<!-- end:NAME -->``, e.g. bench_padding's and bench_gpu's) are kept when the file is rewritten.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import sqlite3
 import subprocess
 import sys
@@ -203,6 +207,13 @@ def not_met(daemon: dict[str, Any], transfer: dict[str, Any] | None) -> list[str
     return out
 
 
+def owned_sections(text: str) -> list[str]:
+    """The ``<!-- begin:NAME -->`` … ``<!-- end:NAME -->`` blocks of RESULTS.md, which their own
+    benchmarks write (``--results``): rewriting the file must not drop them."""
+    pattern = re.compile(r"^<!-- begin:([\w-]+) -->\n.*?^<!-- end:\1 -->$", re.S | re.M)
+    return [m.group(0) for m in pattern.finditer(text)]
+
+
 def write_results(mach: dict[str, Any], daemon: dict[str, Any], transfer: dict[str, Any] | None,
                   quick: bool, seconds: float, wan: dict[str, Any] | None = None) -> None:
     lines = [
@@ -274,7 +285,8 @@ def write_results(mach: dict[str, Any], daemon: dict[str, Any], transfer: dict[s
         "link has latency, that cost is off the critical path (see the RTT section).",
         "",
     ]
-    RESULTS.write_text("\n".join(lines))
+    kept = owned_sections(RESULTS.read_text()) if RESULTS.exists() else []
+    RESULTS.write_text("\n".join(lines) + "".join(f"\n{block}\n" for block in kept))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -282,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="the smaller variant of each benchmark")
     p.add_argument("--skip-daemon", action="store_true")
     p.add_argument("--skip-transfer", action="store_true")
+    p.add_argument("--skip-padding", action="store_true")
     p.add_argument("--no-results", action="store_true", help="don't rewrite benchmarks/RESULTS.md")
     p.add_argument("--render-only", action="store_true",
                    help="run nothing: rewrite benchmarks/RESULTS.md from the last benchmarks/out/all.json")
@@ -305,15 +318,21 @@ def main(argv: list[str] | None = None) -> int:
                            OUT_DIR / "transfer.json")
         wan = run_one("benchmarks.bench_transfer", TRANSFER_WAN_ARGS_QUICK if args.quick else TRANSFER_WAN_ARGS,
                       OUT_DIR / "transfer_wan.json")
+    padding: dict[str, Any] | None = None
+    if not args.skip_padding:
+        # It writes its own section of RESULTS.md, which write_results below keeps.
+        padding = run_one("benchmarks.bench_padding", [] if args.no_results else ["--results"],
+                          OUT_DIR / "padding.json")
     seconds = time.time() - started
     mach["loadavg_at_end"] = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     combined = {"machine": mach, "quick": args.quick, "seconds": round(seconds, 1),
-                "daemon": daemon, "transfer": transfer, "transfer_wan": wan}
+                "daemon": daemon, "transfer": transfer, "transfer_wan": wan, "padding": padding}
     (OUT_DIR / "all.json").write_text(json.dumps(combined, indent=2, default=str) + "\n")
     if not args.no_results:
         write_results(mach, daemon, transfer, args.quick, seconds, wan)
     missed = not_met(daemon, transfer)
-    failed = [name for name, r in (("daemon", daemon), ("transfer", transfer), ("transfer_wan", wan))
+    failed = [name for name, r in (("daemon", daemon), ("transfer", transfer), ("transfer_wan", wan),
+                                   ("padding", padding))
               if r is not None and not r.get("ok") and not str(r.get("error", "")).startswith("skipped")]
     print(f"\nall benchmarks done in {seconds:.0f} s; wrote benchmarks/out/all.json"
           + ("" if args.no_results else " and benchmarks/RESULTS.md"))

@@ -96,6 +96,9 @@ class TrainConfig:
     warmup_ratio: float = 0.0
     weight_decay: float = 0.0
     optim: str | None = None
+    # Concatenate each micro-batch into one row with per-sample position_ids instead of padding it
+    # (make_collator); false goes back to padded batches, e.g. for an attention kernel that ignores them.
+    padding_free: bool = True
     # {"enabled": bool, "quantize": "Q4_K_M", "llama_cpp_dir": "/opt/llama.cpp"}: checked by export.py.
     export: dict[str, Any] = field(default_factory=dict)
     # {"enabled": bool, "generate": 3, "max_new_tokens": 48, "current_adapter": "current_adapter"}:
@@ -555,6 +558,9 @@ def sft_args(cfg: TrainConfig, run: RunDir, backend: str, has_eval: bool) -> Any
         "use_cpu": backend == "cpu",
         # unsloth checkpoints activations itself; on CPU the tiny models don't need it.
         "activation_checkpointing": backend == "cuda",
+        # No packing: bins of max_length would change how many samples make one optimizer step
+        # (a dozen short memories per bin), so the loss curve and the step count would drift from
+        # the config. Padding goes away in make_collator instead, sample for sample.
         "packing": False,
         "report_to": "none",
         "disable_tqdm": True,
@@ -664,6 +670,48 @@ def gpu_stats() -> dict[str, Any]:
     return stats
 
 
+def packed_masks_supported() -> bool:
+    """Whether this transformers builds block-diagonal masks from position_ids for sdpa/eager.
+
+    Its masking_utils turns "position_ids restart at 0" into one causal block per sample when no
+    attention_mask is passed (flash-attention reads the same boundaries from cu_seq_lens). Without
+    that, a concatenated row would be one long causal sequence: samples would attend to each other.
+    """
+    try:
+        from transformers import masking_utils
+    except ImportError:
+        return False
+    return hasattr(masking_utils, "find_packed_sequence_indices")
+
+
+def make_collator(cfg: TrainConfig, tokenizer: Any, backend: str) -> Any | None:
+    """trl's collator in padding-free mode, or None for trl's default (padded) one.
+
+    Padding-free without packing: each micro-batch's samples are concatenated into one row, with
+    position_ids restarting at 0 per sample and no attention_mask, so no token is padding and no
+    sample sees another. The labels (prompt tokens already -100 from trl's completion mask) travel
+    with the tokens, and the batches hold the same samples in the same order as padded ones, so the
+    loss is the same. It is passed as our own collator, with SFTConfig.padding_free left off,
+    because trl refuses padding_free with max_length unless packing: that way trl still truncates
+    every sample to max_length while preparing the dataset.
+    """
+    if not cfg.padding_free:
+        return None
+    if backend == "unsloth":
+        # unsloth turns padding-free on itself, with its own attention kernels; a collator from us
+        # would replace the one it instruments.
+        return None
+    try:
+        from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+    except ImportError:
+        return None
+    if "padding_free" not in {f.name for f in fields(DataCollatorForLanguageModeling)} or not packed_masks_supported():
+        log("note: this trl/transformers cannot keep concatenated samples apart; padding batches instead")
+        return None
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return DataCollatorForLanguageModeling(pad_token_id=pad, padding_free=True)
+
+
 def build_trainer(cfg: TrainConfig, run: RunDir, backend: str) -> tuple[Any, Any]:
     import inspect
 
@@ -688,6 +736,9 @@ def build_trainer(cfg: TrainConfig, run: RunDir, backend: str) -> tuple[Any, Any
     }
     if peft_config is not None:
         kwargs["peft_config"] = peft_config
+    collator = make_collator(cfg, tokenizer, backend)
+    if collator is not None:
+        kwargs["data_collator"] = collator
     try:
         trainer = SFTTrainer(**kwargs)
     except ValueError as exc:  # e.g. target_modules that the model does not have
