@@ -187,15 +187,18 @@ def section(report: dict[str, Any]) -> list[str]:
         "- Same loss on the same data: largest difference between the padded and the padding-free loss of a "
         f"batch: {checks}; LoRA-wrapped "
         "tiny model in float32, random LoRA B.",
+        "- These are the plain (transformers + peft) path's batches, the trainer's `cpu` and `cuda` backends. "
+        "On its `unsloth` backend the trainer leaves batching to unsloth, which turns padding-free on by "
+        "itself; that path needs CUDA and is not measured here (see the GPU section).",
         f"<!-- end:{SECTION} -->",
     ]
 
 
-def update_results(lines: list[str], path: Path = RESULTS) -> None:
-    """Replace this benchmark's marked section of RESULTS.md (or append it); the rest is left as is."""
+def update_results(lines: list[str], path: Path = RESULTS, section_name: str = SECTION) -> None:
+    """Replace a benchmark's marked section of RESULTS.md (or append it); the rest is left as is."""
     text = path.read_text() if path.exists() else "# Benchmark results\n"
     block = "\n".join(lines) + "\n"
-    pattern = re.compile(rf"<!-- begin:{SECTION} -->.*?<!-- end:{SECTION} -->\n?", re.S)
+    pattern = re.compile(rf"<!-- begin:{section_name} -->.*?<!-- end:{section_name} -->\n?", re.S)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + block
     path.write_text(text)
 

@@ -715,6 +715,11 @@ def make_collator(cfg: TrainConfig, tokenizer: Any, backend: str) -> Any | None:
 def build_trainer(cfg: TrainConfig, run: RunDir, backend: str) -> tuple[Any, Any]:
     import inspect
 
+    if backend == "unsloth":
+        # Before transformers and trl below: unsloth patches them (SFTTrainer included) as it is
+        # imported, and only warns when it comes too late.
+        import unsloth  # noqa: F401
+
     from datasets import Dataset
     from transformers import PrinterCallback, set_seed
     from trl import SFTTrainer
