@@ -177,28 +177,23 @@ def logs(ctx: click.Context, run_id: str | None, lines: int) -> None:
             click.echo("\n".join(text[-lines:] if name == "train.log" else text))
 
 
-@main.command()
-@click.argument("run_id")
-@click.pass_context
-def merge(ctx: click.Context, run_id: str) -> None:
-    """Retry merging a run's fetched adapter now (e.g. after `merge_failed`); never retrains."""
-    cfg = _cfg(ctx)
-    run = _find_run(cfg, run_id)
+def _merge_or_promote(cfg: Config, run_id: str, cmd: str) -> dict[str, Any]:
+    """Ask the daemon (one merge at a time; its retrier stops once merged), else do it here."""
     from mhd.daemon.client import DaemonNotRunning, request
 
+    run = _find_run(cfg, run_id)
     try:
-        # The daemon's retrier does it (one merge at a time, and it stops retrying on success).
-        resp = request(cfg.socket_path, "merge", timeout=3600, run_id=run.id)
+        resp = request(cfg.socket_path, cmd, timeout=3600, run_id=run.id)
     except (DaemonNotRunning, OSError):
-        resp = asyncio.run(_merge_here(cfg, run.id))
+        resp = asyncio.run(_merge_here(cfg, run.id, cmd))
     for line in resp.get("log") or []:
         click.echo(f"  {line}")
     if not resp.get("ok"):
-        _die(f"merge of run {run.id} failed: {resp.get('error')}", EXIT_FAIL)
-    click.echo(f"run {run.id}: model {resp.get('model')}" + (f" ({resp['note']})" if resp.get("note") else ""))
+        _die(f"{cmd} of run {run.id} failed: {resp.get('error')}", EXIT_FAIL)
+    return resp
 
 
-async def _merge_here(cfg: Config, run_id: str, cmd: str = "merge") -> dict[str, Any]:
+async def _merge_here(cfg: Config, run_id: str, cmd: str) -> dict[str, Any]:
     """`mhd merge` / `mhd promote` without a running daemon: the same attempt, in this process."""
     from mhd.daemon.merges import MergeRetrier
 
@@ -209,21 +204,20 @@ async def _merge_here(cfg: Config, run_id: str, cmd: str = "merge") -> dict[str,
 @main.command()
 @click.argument("run_id")
 @click.pass_context
+def merge(ctx: click.Context, run_id: str) -> None:
+    """Retry merging a run's fetched adapter now (e.g. after `merge_failed`); never retrains."""
+    resp = _merge_or_promote(_cfg(ctx), run_id, "merge")
+    note = f" ({resp['note']})" if resp.get("note") else ""
+    click.echo(f"run {resp.get('run_id')}: model {resp.get('model')}{note}")
+
+
+@main.command()
+@click.argument("run_id")
+@click.pass_context
 def promote(ctx: click.Context, run_id: str) -> None:
     """Register a run the quality gate rejected (your call: the gate's numbers said it is worse)."""
-    cfg = _cfg(ctx)
-    run = _find_run(cfg, run_id)
-    from mhd.daemon.client import DaemonNotRunning, request
-
-    try:
-        resp = request(cfg.socket_path, "promote", timeout=3600, run_id=run.id)
-    except (DaemonNotRunning, OSError):
-        resp = asyncio.run(_merge_here(cfg, run.id, "promote"))
-    for line in resp.get("log") or []:
-        click.echo(f"  {line}")
-    if not resp.get("ok"):
-        _die(f"promote of run {run.id} failed: {resp.get('error')}", EXIT_FAIL)
-    click.echo(resp.get("note") or f"run {run.id}: promoted, model {resp.get('model')}")
+    resp = _merge_or_promote(_cfg(ctx), run_id, "promote")
+    click.echo(resp.get("note") or f"run {resp.get('run_id')}: promoted, model {resp.get('model')}")
 
 
 @main.command(name="eval")
