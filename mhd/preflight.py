@@ -128,9 +128,13 @@ async def check_ollama(cfg: Config, route: str | None = None) -> tuple[Check, st
                       "set merge.ollama_url = \"http://127.0.0.1:11434\""), route or "none")
     from mhd.merge import OllamaClient, route_for_version
 
+    if route is not None and route != "adapter":
+        # Decided at Provisioning (asked once); registering a merged GGUF needs nothing pulled, and
+        # an Ollama down by then is a merge retry (the model is kept), never a second pod.
+        return Check("Ollama", True, f"{route} route at {m.ollama_url} (decided when the run started)"), route
     try:
         async with OllamaClient(m.ollama_url) as client:
-            version = await client.version()
+            version = "(asked at Provisioning)" if route else await client.version()
             route = route or (m.route if m.route != "auto" else route_for_version(version))
             if route != "adapter":
                 return (Check("Ollama", True, f"version {version} at {m.ollama_url}: {route} route"), route)

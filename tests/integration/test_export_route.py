@@ -32,6 +32,7 @@ from tests.support.memories import write_examples_to
 from tests.support.ollama_standin import OllamaStandIn
 
 POD = Path(__file__).resolve().parents[2] / "mhd" / "pod"
+BASE = "qwen3:8b"
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +44,9 @@ class Provisioning:
     """One run in Provisioning, driven by the real state action."""
 
     def __init__(self, tmp: Path, memories: Path, merge: dict[str, Any]) -> None:
+        # merge.base: the adapter route's preflight needs it (the stand-ins below have it pulled).
         self.cfg = Config.model_validate({"memory_dir": str(memories), "state_dir": str(tmp / "state"),
-                                          "provider": "local", "merge": merge})
+                                          "provider": "local", "merge": {"base": BASE, **merge}})
         self.store = Store(self.cfg.db_path_url)
 
         async def connector(run: Run, ep: Endpoint) -> tuple[Session, str | None]:
@@ -76,6 +78,7 @@ class Provisioning:
 def test_ollama_version_decides_whether_the_pod_exports_a_merged_gguf(
         tmp_path: Path, memories: Path, version: str, enabled: bool) -> None:
     with OllamaStandIn(version=version) as ollama:
+        ollama.add_model(BASE)
         p = Provisioning(tmp_path, memories, {"mode": "ollama", "ollama_url": ollama.url, "quantize": "q5_k_m",
                                               "llama_cpp_dir": "/srv/llama.cpp"})
         p.act()
@@ -97,6 +100,7 @@ def test_without_ollama_the_pod_ships_the_adapter_only(tmp_path: Path, memories:
 
 def test_forced_merged_route_exports_without_asking_ollama(tmp_path: Path, memories: Path) -> None:
     with OllamaStandIn(version="0.33.0") as ollama:
+        ollama.add_model(BASE)
         url = ollama.url
     # Ollama is down now: a forced route does not need it.
     p = Provisioning(tmp_path, memories, {"mode": "ollama", "ollama_url": url, "route": "merged"})
@@ -107,6 +111,7 @@ def test_forced_merged_route_exports_without_asking_ollama(tmp_path: Path, memor
 
 def test_unreachable_ollama_is_transient_and_rents_nothing(tmp_path: Path, memories: Path) -> None:
     with OllamaStandIn(version="0.34.1") as ollama:
+        ollama.add_model(BASE)
         url = ollama.url
     p = Provisioning(tmp_path, memories, {"mode": "ollama", "ollama_url": url})
 
@@ -119,6 +124,7 @@ def test_unreachable_ollama_is_transient_and_rents_nothing(tmp_path: Path, memor
     assert p.machine.state is RunState.PROVISIONING
 
     with OllamaStandIn(version="0.34.1") as ollama:  # Ollama is back (on another port here)
+        ollama.add_model(BASE)
         p.cfg.merge.ollama_url = ollama.url
         p.act()
     assert p.export()["enabled"] is True and p.pods_created() == 1
@@ -126,6 +132,7 @@ def test_unreachable_ollama_is_transient_and_rents_nothing(tmp_path: Path, memor
 
 def test_re_entered_provisioning_keeps_the_first_answer(tmp_path: Path, memories: Path) -> None:
     with OllamaStandIn(version="0.34.1") as ollama:
+        ollama.add_model(BASE)
         p = Provisioning(tmp_path, memories, {"mode": "ollama", "ollama_url": ollama.url})
         p.act()
         first = p.export()
