@@ -71,6 +71,7 @@ def finished_job(tmp: Path, sshd: SshServer, proxy: TcpProxy, gguf_bytes: int, *
                 "known_hosts": str(sshd.known_hosts_path), "remote_root": str(tmp / "remote"),
                 "connect_deadline_s": 30},
         "retry": {"base_s": 0.05, "max_s": 0.2},
+        "eval": {"enabled": False},  # a hand-made pod output without an Evaluating phase
         **cfg,
     })
     store = Store(config.db_path_url)
