@@ -70,21 +70,21 @@ def decide(ev: dict[str, Any] | None, cfg: EvalConfig, *, forgetting: bool = Fal
                                   "it anyway", ("evaluation",), n)
     failed: list[str] = []
     notes: list[str] = []
+
+    def rule(name: str, what: str, new: float, ref_name: str, ref: float, sign: str, factor: float) -> None:
+        """new ≤ ref * (1 ± factor): one note with the numbers; the rule's name when it fails."""
+        limit = ref * (1 - factor if sign == "-" else 1 + factor)
+        ok = new <= limit
+        notes.append(f"{name}: {what} new {new:.4f} {'≤' if ok else '>'} {ref_name} {ref:.4f} * "
+                     f"(1 {sign} {factor:g}) = {limit:.4f}")
+        if not ok:
+            failed.append(name)
+
     hb, hn, hc = n["heldout_nll_base"], n["heldout_nll_new"], n["heldout_nll_current"]
     if n["heldout_count"] and hb is not None and hn is not None:
-        limit = hb * (1 - cfg.min_gain)
-        ok = hn <= limit
-        notes.append(f"min_gain: held-out NLL new {hn:.4f} {'≤' if ok else '>'} base {hb:.4f} * "
-                     f"(1 - {cfg.min_gain:g}) = {limit:.4f}")
-        if not ok:
-            failed.append("min_gain")
+        rule("min_gain", "held-out NLL", hn, "base", hb, "-", cfg.min_gain)
         if hc is not None and not forgetting:
-            limit = hc * (1 + cfg.tolerance)
-            ok = hn <= limit
-            notes.append(f"tolerance: held-out NLL new {hn:.4f} {'≤' if ok else '>'} current {hc:.4f} * "
-                         f"(1 + {cfg.tolerance:g}) = {limit:.4f}")
-            if not ok:
-                failed.append("tolerance")
+            rule("tolerance", "held-out NLL", hn, "current", hc, "+", cfg.tolerance)
         elif hc is not None:
             notes.append("tolerance: not applied (this run forgets memories the owner removed)")
     else:
@@ -92,12 +92,7 @@ def decide(ev: dict[str, Any] | None, cfg: EvalConfig, *, forgetting: bool = Fal
                      f"{2 * cfg.min_count}): decided on the probe set alone")
     pb, pn = n["probe_nll_base"], n["probe_nll_new"]
     if n["probe_count"] and pb is not None and pn is not None:
-        limit = pb * (1 + cfg.max_probe_regression)
-        ok = pn <= limit
-        notes.append(f"probe: NLL new {pn:.4f} {'≤' if ok else '>'} base {pb:.4f} * "
-                     f"(1 + {cfg.max_probe_regression:g}) = {limit:.4f}")
-        if not ok:
-            failed.append("probe")
+        rule("probe", "NLL", pn, "base", pb, "+", cfg.max_probe_regression)
     elif not n["heldout_count"]:
         failed.append("evaluation")
         notes.append("no probe numbers either: nothing to decide on")
