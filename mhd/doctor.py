@@ -83,35 +83,36 @@ def _provider(cfg: Config) -> Check:
         return Check("provider", False, f"{cfg.provider}: {exc}", "check the host/API key and network")
 
 
-def _disk(cfg: Config) -> Check:
+def _fetch_disk(cfg: Config) -> Check | None:
+    """While a run is fetching (or waiting for room to fetch), the disk check that matters now."""
     from mhd.states.fetching import FREE_MARGIN, free_bytes
 
+    pending = _pending_fetch(cfg)
+    if pending is None:
+        return None
     d = cfg.state_dir if cfg.state_dir.exists() else Path("/")
     free = free_bytes(d)
-    pending = _pending_fetch(cfg)
-    if pending is not None:
-        # A run is fetching (or waiting for room to fetch): that is the number that matters now.
-
-        run_id, left, total = pending
-        need = left + FREE_MARGIN if left else 0
-        detail = (f"{free / 1e9:.1f} GB free under {d}; run {run_id} is fetching {total / 1e9:.1f} GB, "
-                  f"{left / 1e9:.1f} GB still to download")
-        if free >= need:
-            return Check("free disk", True, detail)
-        return Check("free disk", False, detail + f" (+ {FREE_MARGIN / 1e9:.1f} GB margin): the pod is kept and "
-                     "the fetch waits", f"free {(need - free) / 1e9:.1f} GB under {d}; the fetch resumes by itself "
-                     f"(the pod stops itself after runpod.max_unattended = {cfg.runpod.max_unattended / 3600:.1f} h)")
-    return preflight.check_disk(cfg, asyncio.run(_route(cfg)))
-
-
-async def _route(cfg: Config) -> str:
-    return (await preflight.check_ollama(cfg))[1]
+    run_id, left, total = pending
+    need = left + FREE_MARGIN if left else 0
+    detail = (f"{free / 1e9:.1f} GB free under {d}; run {run_id} is fetching {total / 1e9:.1f} GB, "
+              f"{left / 1e9:.1f} GB still to download")
+    if free >= need:
+        return Check("free disk", True, detail)
+    return Check("free disk", False, detail + f" (+ {FREE_MARGIN / 1e9:.1f} GB margin): the pod is kept and "
+                 "the fetch waits", f"free {(need - free) / 1e9:.1f} GB under {d}; the fetch resumes by itself "
+                 f"(the pod stops itself after runpod.max_unattended = {cfg.runpod.max_unattended / 3600:.1f} h)")
 
 
 def _preflight(cfg: Config) -> list[Check]:
-    """The checks a run makes before renting a pod (mhd/preflight.py), disk aside (see _disk)."""
-    checks = asyncio.run(preflight.run_checks(cfg, store=_store(cfg), samples=_expected_samples(cfg)))
-    return [c for c in checks if c.name != "free disk"]
+    """The checks a run makes before renting a pod (mhd/preflight.py), once; during a fetch, its disk check."""
+    store = _store(cfg)
+    try:
+        checks = asyncio.run(preflight.run_checks(cfg, store=store, samples=_expected_samples(cfg, store)))
+    finally:
+        if store is not None:
+            store.close()
+    fetching = _fetch_disk(cfg)
+    return [fetching if fetching is not None and c.name == "free disk" else c for c in checks]
 
 
 def _store(cfg: Config) -> Store | None:
@@ -123,9 +124,8 @@ def _store(cfg: Config) -> Store | None:
         return None
 
 
-def _expected_samples(cfg: Config) -> int:
+def _expected_samples(cfg: Config, store: Store | None) -> int:
     """What the next run would train on: the last run's count (the dataset cap bounds it)."""
-    store = _store(cfg)
     last = store.last_run() if store is not None else None
     return min(cfg.dataset.max_samples, (last.samples or 0) if last else cfg.dataset.max_samples)
 
@@ -161,7 +161,7 @@ def _unit(cfg: Config) -> Check:
 
 
 CHECKS: tuple[Callable[[Config], Check | list[Check]], ...] = (_memory_dir, _state_dir, _db, _provider, _preflight,
-                                                              _disk, _unit)
+                                                              _unit)
 
 
 def run_checks(config_path: Path | None) -> int:

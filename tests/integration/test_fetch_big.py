@@ -183,7 +183,7 @@ async def _until(cond: Callable[[], bool], timeout: float = 30.0) -> None:
 
 def test_not_enough_disk_keeps_the_pod_says_why_and_resumes_once_space_is_freed(
         tmp_path: Path, sshd: SshServer, proxy: TcpProxy, monkeypatch: pytest.MonkeyPatch) -> None:
-    from mhd.doctor import _disk
+    from mhd.doctor import _fetch_disk
 
     pod = finished_job(tmp_path, sshd, proxy, 64 * MiB)
     space = {"free": 10 * MiB}
@@ -194,7 +194,7 @@ def test_not_enough_disk_keeps_the_pod_says_why_and_resumes_once_space_is_freed(
         task = asyncio.create_task(Runner(pod.ctx).drive(pod.run))
         await _until(lambda: (pod.fresh().error or "").startswith("not enough disk space"))
         await asyncio.sleep(0.3)  # it waits; nothing else happens
-        seen["run"], seen["doctor"] = pod.fresh(), _disk(pod.ctx.cfg)
+        seen["run"], seen["doctor"] = pod.fresh(), _fetch_disk(pod.ctx.cfg)
         seen["terminated"] = [p.terminated_at for p in pod.store.pods()]
         seen["fetched"] = sorted(p.name for p in pod.out.rglob("*")) if pod.out.exists() else []
         space["free"] = 100 * GiB  # the owner frees space
