@@ -712,13 +712,17 @@ def make_collator(cfg: TrainConfig, tokenizer: Any, backend: str) -> Any | None:
     return DataCollatorForLanguageModeling(pad_token_id=pad, padding_free=True)
 
 
+def import_unsloth_first() -> None:
+    # Before transformers and trl: unsloth patches them (SFTTrainer included) as it is imported,
+    # and only warns when it comes too late.
+    import unsloth  # noqa: F401
+
+
 def build_trainer(cfg: TrainConfig, run: RunDir, backend: str) -> tuple[Any, Any]:
     import inspect
 
     if backend == "unsloth":
-        # Before transformers and trl below: unsloth patches them (SFTTrainer included) as it is
-        # imported, and only warns when it comes too late.
-        import unsloth  # noqa: F401
+        import_unsloth_first()
 
     from datasets import Dataset
     from transformers import PrinterCallback, set_seed

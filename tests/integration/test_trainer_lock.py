@@ -116,6 +116,7 @@ assert got == want, f"not the lock's versions: {got} != {want}"
 T.pick_backend = lambda: "unsloth"
 T.half_dtype = lambda: None
 T._load_unsloth = lambda cfg: T._load_plain(cfg, "cpu")
+T.import_unsloth_first = lambda: None  # unsloth needs a GPU to import; its signatures are checked elsewhere
 run = T.RunDir(T.Path(sys.argv[2]))
 T.prepare_environment()
 trainer, _ = T.build_trainer(T.read_config(run), run, "unsloth")  # SFTConfig + SFTTrainer: where drift shows
