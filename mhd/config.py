@@ -77,6 +77,15 @@ class RunpodConfig(_Section):
     # Where run folders live on the pod (the image's large disk).
     remote_root: str = "/workspace/mhd"
     ready_deadline_s: float = Field(900.0, gt=0)
+    # Interruptible (spot) pods cost about half; a preempted run resumes on a new pod from its
+    # newest checkpoint. REST's create body takes a plain ``interruptible`` flag and no bid: the
+    # pod is billed at RunPod's spot price for the GPU type.
+    interruptible: bool = False
+    # Preemptions a run rides out on interruptible pods; after that (or when RunPod has no
+    # interruptible capacity) ``on_preemption`` decides: "resume_on_demand" rents an on-demand
+    # pod, "resume" keeps to interruptible pods, "fail" ends the run.
+    max_preemptions: int = Field(3, ge=0)
+    on_preemption: Literal["resume", "resume_on_demand", "fail"] = "resume_on_demand"
 
     _dur = field_validator("max_unattended", mode="before")(lambda v: parse_duration(v))
 

@@ -5,7 +5,8 @@
     ├── ProviderError               the GPU provider refused (permanent → Aborting)
     │   ├── TransientProviderError  429/5xx/network: retry with backoff
     │   ├── NoCapacityError         this GPU type has none: try the next
-    │   └── InsufficientFunds       402: stop, nothing to retry
+    │   ├── InsufficientFunds       402: stop, nothing to retry
+    │   └── Preempted               the pod stopped without mhd asking: resume on a new pod
     ├── RemoteError                 something on the pod failed (permanent)
     │   ├── ConnectionLost          SSH dropped or unreachable (transient → Connecting)
     │   ├── HostKeyMismatch         pinned host key changed (permanent)
@@ -50,6 +51,15 @@ class NoCapacityError(ProviderError):
 
 class InsufficientFunds(ProviderError):
     pass
+
+
+class Preempted(ProviderError):
+    """The provider took the pod back (spot preemption, host failure): it is gone or EXITED and
+    mhd never asked. The run's work is in its newest checkpoint, not on that pod any more."""
+
+    def __init__(self, pod_id: str, status: str) -> None:
+        super().__init__(f"pod {pod_id} is {status} without mhd having stopped it")
+        self.pod_id, self.status = pod_id, status
 
 
 class RemoteError(MhdError):

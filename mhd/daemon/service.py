@@ -284,7 +284,7 @@ class Daemon:
             run = self.store.active_run()
             if run is None:
                 return set()
-            return {run.pod_id} if run.pod_id else {pod_name(run.id)}
+            return {run.pod_id} if run.pod_id else {pod_name(run.id, run.preemptions + 1)}
 
         while True:
             try:

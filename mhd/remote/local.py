@@ -46,7 +46,7 @@ class LocalProvider:
         tmp.write_text(json.dumps({"id": pod.id, "name": pod.name, "status": pod.status, "at": time.time()}))
         os.replace(tmp, self._record(pod.name))
 
-    async def create(self, name: str) -> Pod:
+    async def create(self, name: str, *, interruptible: bool = False) -> Pod:
         pod = Pod(id=name, name=name, status="RUNNING", cost_per_hr=0.0, gpu_type="cpu")
         (self.root / "runs" / name).mkdir(parents=True, exist_ok=True)
         self._save(pod)

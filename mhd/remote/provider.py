@@ -13,8 +13,12 @@ from typing import Protocol, runtime_checkable
 POD_PREFIX = "mhd-"
 
 
-def pod_name(run_id: str) -> str:
-    return f"{POD_PREFIX}{run_id}"
+def pod_name(run_id: str, attempt: int = 1) -> str:
+    """``mhd-<run>`` for a run's first pod, ``mhd-<run>-a<N>`` for the pod after a preemption.
+
+    One name per attempt: looking the name up before creating adopts the pod of *this* attempt
+    after a crash, never the preempted one (which is EXITED anyway)."""
+    return f"{POD_PREFIX}{run_id}" if attempt <= 1 else f"{POD_PREFIX}{run_id}-a{attempt}"
 
 
 @dataclass(frozen=True)
@@ -42,8 +46,9 @@ class Pod:
 class Provider(Protocol):
     name: str
 
-    async def create(self, name: str) -> Pod:
-        """Rent a machine called ``name``. Raises ProviderError subclasses."""
+    async def create(self, name: str, *, interruptible: bool = False) -> Pod:
+        """Rent a machine called ``name``; ``interruptible``: a spot pod, where the provider has them
+        (others rent what they have). Raises ProviderError subclasses."""
         ...
 
     async def find(self, name: str) -> Pod | None:

@@ -3,7 +3,9 @@
 What the API looks like (v2 OpenAPI, checked against RunPod's docs, 2026):
 
 - ``POST /pods`` takes ``name``, ``image``, ``gpu: {id, count}``, ``cloud`` (SECURE|COMMUNITY),
-  ``disk`` (GB), ``ports`` (``"22/tcp"``), ``env`` (map), ``mounts`` ({persistent|network}).
+  ``disk`` (GB), ``ports`` (``"22/tcp"``), ``env`` (map), ``mounts`` ({persistent|network}),
+  ``interruptible`` (boolean: a spot pod; the REST API takes no bid, unlike GraphQL's
+  ``podRentInterruptable``/``bidPerGpu``: the pod pays the current spot price).
   Unknown body keys are rejected (``unevaluatedProperties: false``), so only those are sent.
 - ``GET /pods`` answers ``{"pods": [...]}`` (v1 answered a bare list; both are read).
 - A pod has ``status`` (PROVISIONING → STARTING → RUNNING, EXITED, ERROR, TERMINATED), ``cost``
@@ -218,6 +220,8 @@ def parse_pod(d: Mapping[str, Any]) -> Pod:
     for key in ("cloud", "dataCenterId", "createdAt", "startedAt", "image"):
         if isinstance(d.get(key), str):
             extra[key] = d[key]
+    if isinstance(d.get("interruptible"), bool):
+        extra["interruptible"] = d["interruptible"]
     if (count := _as_int(_first(gpu, "count") or d.get("gpuCount"))) is not None:
         extra["gpu_count"] = count
     return Pod(
@@ -338,8 +342,10 @@ class RunpodProvider:
 
     # Provider ---------------------------------------------------------------------------------
 
-    async def create(self, name: str) -> Pod:
+    async def create(self, name: str, *, interruptible: bool = False) -> Pod:
         """Rent ``name``: each configured GPU type in order (and each cloud, for ``cloud = "ALL"``).
+
+        ``interruptible``: a spot pod (REST's ``interruptible`` flag; billed at the spot price).
 
         400 no-capacity moves on to the next candidate; 402/403/422 stop at once. A retried POST
         first looks the name up, so a 5xx that did create the pod never leads to a second one.
@@ -357,15 +363,16 @@ class RunpodProvider:
         refused: list[str] = []
         for gpu in self.cfg.gpu_types:
             for cloud in clouds:
-                body = self._create_body(name, gpu, cloud, public_key)
+                body = self._create_body(name, gpu, cloud, public_key, interruptible=interruptible)
                 try:
                     return await self._create_once(name, body)
                 except NoCapacityError as exc:
                     label = gpu if len(clouds) == 1 else f"{gpu} ({cloud})"
                     refused.append(label)
                     log.info("runpod: no capacity for %s: %s; trying the next GPU type", label, exc)
+        kind = "interruptible capacity" if interruptible else "capacity"
         raise NoCapacityError(
-            f"RunPod has no capacity for any configured GPU type ({', '.join(refused)}) in "
+            f"RunPod has no {kind} for any configured GPU type ({', '.join(refused)}) in "
             f"{self.cfg.cloud} cloud; try later, or add types to [runpod] gpu_types"
         )
 
@@ -404,7 +411,8 @@ class RunpodProvider:
 
     # Requests ---------------------------------------------------------------------------------
 
-    def _create_body(self, name: str, gpu: str, cloud: str, public_key: str) -> dict[str, Any]:
+    def _create_body(self, name: str, gpu: str, cloud: str, public_key: str, *,
+                     interruptible: bool = False) -> dict[str, Any]:
         env = dict(self._env)
         env["PUBLIC_KEY"] = public_key
         # The pod's dead-man timer reads this; whole seconds keep the shell arithmetic simple.
@@ -418,6 +426,9 @@ class RunpodProvider:
             "ports": [SSH_PORT],
             "env": env,
         }
+        if interruptible:
+            # Only when asked: an on-demand body stays exactly what it was before spot pods.
+            body["interruptible"] = True
         if start_command(self.cfg) is not None:
             body["args"] = start_command(self.cfg)
         if self.cfg.network_volume_id:

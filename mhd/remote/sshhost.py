@@ -79,7 +79,7 @@ class SshHostProvider:
             raise ProviderError(f"pod id {pod_id!r} is not a plain name; refusing to build a path from it")
         return f"{self.cfg.remote_root.rstrip('/')}/runs/{pod_id}"
 
-    async def create(self, name: str) -> Pod:
+    async def create(self, name: str, *, interruptible: bool = False) -> Pod:
         self.run_dir(name)
         return self._pod(name)
 

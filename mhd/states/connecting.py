@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mhd.errors import ProviderError, TransientProviderError
+from mhd.errors import Preempted, ProviderError, TransientProviderError
 from mhd.states.context import RunContext
 from mhd.states.machine import RESUME_TRIGGER, RunMachine
 from mhd.states.model import RunState
@@ -14,6 +14,9 @@ async def act(ctx: RunContext, m: RunMachine) -> None:
     if not run.pod_id:
         raise ProviderError(f"run {run.id} reached Connecting without a pod id")
     pod = await ctx.provider.get(run.pod_id)
+    if (pod is None or pod.gone) and run.pod_stopped_at is None:
+        # mhd never stopped it: the provider took it back (the runner rents a new one).
+        raise Preempted(run.pod_id, "gone" if pod is None else pod.status)
     if pod is None or pod.gone:
         raise ProviderError(
             f"pod {run.pod_id} is {'gone' if pod is None else pod.status}: its work cannot be reached "

@@ -243,6 +243,7 @@ async def terminate_pod(ctx: RunContext, run: Run, why: str) -> Run:
         return run
     await ctx.drop_session()
     await ctx.provider.terminate(run.pod_id)
-    ctx.store.pod_terminated(run.pod_id, note=why)
+    t = now()  # one instant for the run and the pods ledger, so both bill the same seconds
+    ctx.store.pod_terminated(run.pod_id, note=why, at=t)
     ctx.append_log(run, f"pod {run.pod_id} terminated ({why})")
-    return ctx.store.update_run(run.id, pod_stopped_at=now())
+    return ctx.store.update_run(run.id, pod_stopped_at=t)

@@ -27,6 +27,9 @@ TRANSITIONS: list[dict[str, Any]] = [
     {"trigger": "merged", "source": S.MERGING, "dest": S.IDLE},
     # An SSH drop (or a restart, which has no session yet) goes back through Connecting.
     {"trigger": "lost", "source": [S.UPLOADING, S.TRAINING, S.FETCHING], "dest": S.CONNECTING},
+    # The provider took the pod back: the run rents a new one and resumes from its checkpoint.
+    {"trigger": "preempted", "source": [S.CONNECTING, S.UPLOADING, S.TRAINING, S.FETCHING],
+     "dest": S.PROVISIONING},
     {"trigger": "abort", "source": _ACTIVE, "dest": S.ABORTING},
     {"trigger": "aborted", "source": S.ABORTING, "dest": S.IDLE},
 ]

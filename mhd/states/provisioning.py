@@ -19,10 +19,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from mhd.errors import ConfigError, NoSamples, TransientProviderError
+from mhd.errors import ConfigError, NoCapacityError, NoSamples, TransientProviderError
 from mhd.pod.export import DEFAULT_QUANTIZE, QUANT_TYPES, canonical_quant
 from mhd.remote.job import LAUNCHER, POD_FILES_DIR
 from mhd.remote.provider import Pod, pod_name
+from mhd.states import preemption
 from mhd.states.context import RunContext
 from mhd.states.machine import RunMachine
 from mhd.store import Run, now
@@ -169,10 +170,10 @@ async def act(ctx: RunContext, m: RunMachine) -> None:
         raise NoSamples(f"no usable training sample in {ctx.cfg.memory_dir} "
                         f"(rejects: {manifest.get('rejects') or {}}); no pod was rented")
 
-    if run.pod_id is None:
+    if run.pod_id is None and not run.preemptions:  # checked once, before the first pod
         await _preflight(ctx, run)
 
-    name = pod_name(run.id)
+    name = pod_name(run.id, run.preemptions + 1)
     pod: Pod | None = None
     how = "adopted"
     if run.pod_id:
@@ -184,19 +185,53 @@ async def act(ctx: RunContext, m: RunMachine) -> None:
     if pod is None:
         pod = await ctx.provider.find(name)
     if pod is None:
-        pod = await ctx.provider.create(name)
+        pod, run = await _create(ctx, run, name)
         how = "created"
         await ctx.fault_point("Provisioning.created")
+    interruptible = bool(pod.extra.get("interruptible", _wants_interruptible(ctx, run)))
     # Persist the moment we know it (find-before-create covers a crash right before this line).
-    ctx.store.record_pod(pod.id, run.id, ctx.provider.name, pod.name)
+    started = run.pod_started_at or now()
+    cost = pod.cost_per_hr if pod.cost_per_hr is not None else run.cost_per_hr
+    ctx.store.record_pod(pod.id, run.id, ctx.provider.name, pod.name, started_at=started, cost_per_hr=cost,
+                         interruptible=interruptible)
+    # On a network volume the run folder outlives the pod: every attempt works in the first one's.
+    folder = pod_name(run.id) if preemption.uses_volume(ctx.cfg) else pod.name
     run = ctx.store.update_run(
-        run.id, pod_id=pod.id, pod_name=pod.name, gpu_type=pod.gpu_type,
-        cost_per_hr=pod.cost_per_hr if pod.cost_per_hr is not None else run.cost_per_hr,
-        pod_started_at=run.pod_started_at or now(), pod_stopped_at=None,
-        remote_dir=f"{ctx.remote_root.rstrip('/')}/runs/{pod.name}",
+        run.id, pod_id=pod.id, pod_name=pod.name, gpu_type=pod.gpu_type, cost_per_hr=cost,
+        pod_started_at=started, pod_stopped_at=None, pod_interruptible=interruptible,
+        remote_dir=f"{ctx.remote_root.rstrip('/')}/runs/{folder}",
     )
-    ctx.append_log(run, f"pod {pod.id} {how} ({pod.gpu_type or '?'}, ${pod.cost_per_hr or 0:.3f}/h)")
+    kind = " interruptible" if interruptible else ""
+    ctx.append_log(run, f"pod {pod.id} {how} ({pod.gpu_type or '?'}{kind}, ${pod.cost_per_hr or 0:.3f}/h)")
     m.fire("provisioned", reason=f"pod {pod.id} {how}")
+
+
+def _wants_interruptible(ctx: RunContext, run: Run) -> bool:
+    return ctx.provider.name == "runpod" and ctx.cfg.runpod.interruptible and not run.on_demand
+
+
+async def _create(ctx: RunContext, run: Run, name: str) -> tuple[Pod, Run]:
+    """Rent the attempt's pod: interruptible when configured, unless the run fell back already.
+
+    No interruptible capacity is the other case where ``on_preemption`` decides: an on-demand
+    pod (recorded on the run, so a restart stays on-demand), a wait for spot capacity, or the
+    provider's refusal as the run's failure.
+    """
+    if not _wants_interruptible(ctx, run):
+        return await ctx.provider.create(name), run
+    try:
+        return await ctx.provider.create(name, interruptible=True), run
+    except NoCapacityError as exc:
+        policy = ctx.cfg.runpod.on_preemption
+        if policy == "fail":
+            raise
+        if policy == "resume":
+            raise TransientProviderError(f"{exc} (runpod.on_preemption = \"resume\" waits for interruptible "
+                                         "capacity)") from exc
+        ctx.store.add_event(run.id, preemption.EVENT, f"no interruptible capacity: on-demand from now ({exc})")
+        ctx.append_log(run, f"no interruptible capacity ({exc}); renting an on-demand pod")
+        run = ctx.store.update_run(run.id, on_demand=True)
+        return await ctx.provider.create(name), run
 
 
 async def _preflight(ctx: RunContext, run: Run) -> None:

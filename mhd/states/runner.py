@@ -2,7 +2,9 @@
 
 - transient (``errors.is_transient``): retry the same state with exponential backoff + full
   jitter, attempts counted in the DB, bounded by the state's deadline;
-- connection lost while the pod is needed: back through Connecting, then resume that state;
+- connection lost while the pod is needed: the provider is asked about the pod first. Gone or
+  EXITED without mhd asking is a preemption (``preemption.py``): a new pod per the policy, or
+  Aborting once the policy says fail. Still running: back through Connecting, then resume;
 - cancel / budget / no data / preflight / anything else: Aborting, with the outcome that says which.
 """
 
@@ -19,11 +21,12 @@ from mhd.errors import (
     ConnectionLost,
     MhdError,
     NoSamples,
+    Preempted,
     PreflightFailed,
     TransientProviderError,
     is_transient,
 )
-from mhd.states import aborting, connecting, fetching, merging, provisioning, training, uploading
+from mhd.states import aborting, connecting, fetching, merging, preemption, provisioning, training, uploading
 from mhd.states.context import RunContext
 from mhd.states.machine import RunMachine
 from mhd.states.model import SESSION_STATES, Outcome, RunState
@@ -94,8 +97,14 @@ class Runner:
             self._abort(m, Outcome.NO_DATA, str(exc))
         elif isinstance(exc, PreflightFailed):
             self._abort(m, Outcome.PREFLIGHT_FAILED, str(exc))
+        elif isinstance(exc, Preempted):
+            await self._preempted(m, run, state, exc.status)
         elif isinstance(exc, ConnectionLost) and state in SESSION_STATES:
             await ctx.drop_session()
+            # Asked before reconnecting: a dropped link and a pod taken back look the same here.
+            if (status := await preemption.pod_lost(ctx, run)) is not None:
+                await self._preempted(m, run, state, status)
+                return
             ctx.append_log(run, f"connection lost in {state.value}: {exc}")
             m.fire("lost", reason=f"connection lost: {exc}", resume_state=state)
         elif is_transient(exc):
@@ -131,6 +140,29 @@ class Runner:
         ctx.log.error("run %s: %s", run.id, msg)
         m.fire("aborted", reason=msg, outcome=run.abort_outcome or Outcome.FAILED, error=msg,
                finished_at=now())
+
+    async def _preempted(self, m: RunMachine, run: Run, state: RunState, status: str) -> None:
+        ctx = self.ctx
+        await ctx.drop_session()
+        fields = await preemption.release(ctx, run, status, state.value)
+        count = fields["preemptions"]
+        nxt = preemption.next_pod(ctx.cfg, count, run.on_demand)
+        r = ctx.cfg.runpod
+        what = f"pod {run.pod_id} {status} in {state.value} (preemption {count} of max_preemptions {r.max_preemptions})"
+        ctx.store.add_event(run.id, preemption.EVENT, f"{what}; next: {nxt}")
+        ctx.append_log(run, f"preempted: {what}; next: {nxt}")
+        ctx.log.warning("run %s: preempted: %s; next: %s", run.id, what, nxt)
+        if nxt == "fail":
+            # Billing of the lost pod ends now; Aborting has nothing left to terminate.
+            ctx.store.update_run(run.id, **{k: v for k, v in fields.items() if k in
+                                            ("preemptions", "prior_billed_s", "prior_cost_usd")},
+                                 pod_started_at=None, pod_stopped_at=None)
+            m.refresh()
+            self._abort(m, Outcome.FAILED, f"preempted: {what}; runpod.on_preemption = \"fail\"")
+            return
+        ckpt = f"checkpoint step {run.checkpoint_step}" if run.checkpoint_step else "its newest checkpoint"
+        m.fire("preempted", reason=f"preempted: {what}; resuming on a new {nxt.replace('_', '-')} pod from {ckpt}",
+               on_demand=run.on_demand or nxt == "on_demand", **fields)
 
     def _abort(self, m: RunMachine, outcome: Outcome, message: str) -> None:
         self.ctx.log.error("run %s: aborting (%s): %s", m.run.id, outcome.value, message)

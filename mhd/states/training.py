@@ -2,13 +2,15 @@
 
 Re-entering means: exit_code present → go on; pid alive → reattach and poll; neither → launch
 (the trainer resumes from its newest checkpoint). The launch counter is committed *before* the
-launch, and the launcher holds a lock, so a crash can never start a second trainer.
+launch, and the launcher holds a lock, so a crash can never start a second trainer. On an
+interruptible pod without a volume, each new checkpoint is pulled here as well (``checkpoints.py``).
 """
 
 from __future__ import annotations
 
 from mhd.errors import JobFailed
 from mhd.remote.job import RemoteJob
+from mhd.states import checkpoints
 from mhd.states.context import RunContext
 from mhd.states.machine import RunMachine
 
@@ -25,6 +27,8 @@ async def act(ctx: RunContext, m: RunMachine) -> None:
         if offset != run.progress_offset:
             run = ctx.store.add_progress(run.id, points, offset)
         await job.pull_log(local_log)
+        if checkpoints.wanted(ctx, run):  # read after the status: a finished job's last one too
+            run = await checkpoints.pull_newest(ctx, job, run)
         if st.finished:
             if st.exit_code == 0:
                 m.fire("trained", reason=f"trainer exited 0 at step {run.step}/{run.total_steps}")

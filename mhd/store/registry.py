@@ -9,16 +9,27 @@ from mhd.store.tables import EventRecord, ModelRecord, PodRecord, now
 
 
 class RegistryMixin(StoreBase):
-    def record_pod(self, pod_id: str, run_id: str | None, provider: str, name: str) -> None:
+    def record_pod(self, pod_id: str, run_id: str | None, provider: str, name: str, *,
+                   started_at: float | None = None, cost_per_hr: float | None = None,
+                   interruptible: bool = False) -> None:
         with self.session() as s:
             if s.get(PodRecord, pod_id) is None:
-                s.add(PodRecord(pod_id=pod_id, run_id=run_id, provider=provider, name=name))
+                s.add(PodRecord(pod_id=pod_id, run_id=run_id, provider=provider, name=name,
+                                created_at=started_at or now(), cost_per_hr=cost_per_hr,
+                                interruptible=interruptible))
 
-    def pod_terminated(self, pod_id: str, note: str = "") -> None:
+    def pod_terminated(self, pod_id: str, note: str = "", *, at: float | None = None,
+                       preempted: bool = False) -> None:
         with self.session() as s:
             row = s.get(PodRecord, pod_id)
             if row is not None and row.terminated_at is None:
-                row.terminated_at, row.note = now(), note
+                row.terminated_at, row.note = at or now(), note
+                row.preempted = row.preempted or preempted
+
+    def run_pods(self, run_id: str) -> list[PodRecord]:
+        with self.session() as s:
+            return list(s.scalars(select(PodRecord).where(PodRecord.run_id == run_id)
+                                  .order_by(PodRecord.created_at)))
 
     def pods(self) -> list[PodRecord]:
         with self.session() as s:

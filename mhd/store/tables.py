@@ -30,8 +30,10 @@ from mhd.states.model import ACTIVE_STATES, Outcome, RunState
 
 # 2: runs.merge_attempts / merge_retry_at (a failed merge is retried, never retrained);
 #    runs.eval_json / eval_decision (the quality gate's numbers and verdict).
+# 3: runs.preemptions / on_demand / pod_interruptible / prior_billed_s / prior_cost_usd /
+#    checkpoint_step, pods.cost_per_hr / interruptible / preempted (interruptible pods, issue 15).
 # Older databases are upgraded in place at start (added columns only; see ``_migrate``).
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 def now() -> float:
@@ -104,20 +106,33 @@ class Run(Base):
     # the quality gate: numbers + decision + reason (JSON; no memory text), and the decision alone
     eval_json: Mapped[str | None] = mapped_column(Text)
     eval_decision: Mapped[str | None] = mapped_column(String(16))
+    # interruptible pods: a preempted run moves to a new pod; the budget of preemptions and the
+    # on-demand fallback live here so that a restart resets neither. The pods already given up
+    # are billed in prior_*, so the run's time and cost sum every pod it rented.
+    preemptions: Mapped[int] = mapped_column(Integer, default=0)
+    on_demand: Mapped[bool] = mapped_column(Boolean, default=False)
+    pod_interruptible: Mapped[bool] = mapped_column(Boolean, default=False)
+    prior_billed_s: Mapped[float] = mapped_column(Float, default=0.0)
+    prior_cost_usd: Mapped[float] = mapped_column(Float, default=0.0)
+    checkpoint_step: Mapped[int | None] = mapped_column(Integer)  # newest checkpoint kept here
 
     # Derived views ---------------------------------------------------------------------------
     @property
     def active(self) -> bool:
         return self.state in ACTIVE_STATES
 
-    def billed_s(self, at: float | None = None) -> float:
+    def pod_billed_s(self, at: float | None = None) -> float:
+        """The current pod's time only."""
         if self.pod_started_at is None:
             return 0.0
         end = self.pod_stopped_at or at or now()
         return max(0.0, end - self.pod_started_at)
 
+    def billed_s(self, at: float | None = None) -> float:
+        return (self.prior_billed_s or 0.0) + self.pod_billed_s(at)
+
     def cost_usd(self, at: float | None = None) -> float:
-        return (self.cost_per_hr or 0.0) * self.billed_s(at) / 3600.0
+        return (self.prior_cost_usd or 0.0) + (self.cost_per_hr or 0.0) * self.pod_billed_s(at) / 3600.0
 
     @property
     def report(self) -> dict[str, Any]:
@@ -186,6 +201,9 @@ class PodRecord(Base):
     created_at: Mapped[float] = mapped_column(Float, default=now)
     terminated_at: Mapped[float | None] = mapped_column(Float)
     note: Mapped[str | None] = mapped_column(Text)
+    cost_per_hr: Mapped[float | None] = mapped_column(Float)
+    interruptible: Mapped[bool] = mapped_column(Boolean, default=False)
+    preempted: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
 class ModelRecord(Base):

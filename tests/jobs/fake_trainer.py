@@ -1,7 +1,9 @@
 """A stand-in trainer that follows the remote job protocol exactly, in seconds, without torch.
 
 config.json knobs: fake_steps (10), fake_step_s (0.2), fake_adapter_bytes (262144),
-fake_exit (0), fake_checkpoint_every (2). It resumes from checkpoints/step like the real one.
+fake_exit (0), fake_checkpoint_every (2). Its checkpoints look like the real trainer's
+(``checkpoints/checkpoint-N/`` with ``trainer_state.json`` written last, the newest 2 kept), and it
+resumes from the newest complete one, logging the step like the real one does.
 With export.enabled it also ships a small model.gguf (the merged route's artifact).
 """
 
@@ -15,6 +17,27 @@ from pathlib import Path
 
 def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def newest_checkpoint(root: Path) -> int:
+    """The step of the newest checkpoint whose trainer_state.json (written last) is there."""
+    steps = []
+    for p in root.glob("checkpoint-*"):
+        n = p.name.removeprefix("checkpoint-")
+        if n.isdigit() and (p / "trainer_state.json").is_file():
+            steps.append(int(json.loads((p / "trainer_state.json").read_text())["global_step"]))
+    return max(steps, default=0)
+
+
+def save_checkpoint(root: Path, step: int) -> None:
+    c = root / f"checkpoint-{step}"
+    c.mkdir(parents=True, exist_ok=True)
+    (c / "adapter_model.safetensors").write_bytes(hashlib.sha256(str(step).encode()).digest() * 128)
+    (c / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    for old in sorted(root.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[:-2]:
+        for f in old.iterdir():
+            f.unlink()
+        old.rmdir()
 
 
 def main() -> int:
@@ -31,9 +54,10 @@ def main() -> int:
     if (d / "manifest.json").exists():
         print("fake trainer: manifest present, nothing to do")
         return 0
-    ckpt = d / "checkpoints" / "step"
-    start = int(ckpt.read_text()) if ckpt.exists() else 0
+    start = newest_checkpoint(d / "checkpoints")
     print(f"fake trainer: pid {os.getpid()} starting at step {start}/{steps}", flush=True)
+    how = f"resuming at step {start}" if start else "starting"
+    print(f"fake trainer: training {steps} steps ({how})", flush=True)
     with (d / "progress.jsonl").open("a") as prog:
         for step in range(start + 1, steps + 1):
             time.sleep(step_s)
@@ -43,10 +67,7 @@ def main() -> int:
             prog.write(json.dumps(line) + "\n")
             prog.flush()
             if step % every == 0:
-                ckpt.parent.mkdir(exist_ok=True)
-                tmp = ckpt.with_suffix(".tmp")
-                tmp.write_text(str(step))
-                os.replace(tmp, ckpt)
+                save_checkpoint(d / "checkpoints", step)
     code = int(cfg.get("fake_exit", 0))
     if code:
         print(f"fake trainer: failing on purpose with {code}")

@@ -16,6 +16,8 @@ port list (a **udp** mapping of port 22 listed before the tcp one, to catch slop
         rp.fail_next("GET /pods/{id}", 503, times=2)
         rp.fail_next("DELETE /pods/{id}", drop=True)      # closes the connection, no answer
         rp.no_capacity.add("NVIDIA A40")                  # 400 for that GPU type
+        rp.no_interruptible_capacity = True               # 400 for every interruptible create
+        rp.preempt(pod_id)                                # EXITED, as RunPod lists a preempted pod
         ...  # point runpod.api_url at rp.url
         assert rp.created_count == 1 and rp.live_pods()
         assert rp.requests_for("POST /pods")[0].json["gpu"]["id"] == "NVIDIA RTX A6000"
@@ -47,7 +49,7 @@ _POD_PATH = re.compile(r"^/pods/([^/]+)$")
 # a 422, as on RunPod, so a client sending v1 names (imageName, gpuTypeIds, …) fails here too.
 _CREATE_KEYS = frozenset({"name", "image", "args", "disk", "ports", "env", "registry", "mounts", "gpu",
                           "cpu", "cloud", "dataCenterIds", "globalNetworking", "templateId",
-                          "startSsh", "startJupyter"})
+                          "startSsh", "startJupyter", "interruptible"})
 _ALIVE = ("PROVISIONING", "STARTING", "RUNNING")
 
 
@@ -85,6 +87,7 @@ class _PodRecord:
     created_wall: float
     cost: float
     forced: str | None = None  # EXITED / ERROR / TERMINATED / a fixed status
+    interruptible: bool = False
     ssh_host: str | None = None
     ssh_port: int | None = None
 
@@ -114,6 +117,8 @@ class RunpodStandin:
         ssh_direct: bool = True,
         port_style: Literal["issue", "v2"] = "issue",
         cost_per_hr: float = 0.44,
+        spot_cost_per_hr: float | None = None,
+        on_preempt: Callable[[str], None] | None = None,
         no_capacity: Iterable[str] = (),
         list_terminated: bool = True,
         clock: Callable[[], float] = time.monotonic,
@@ -133,6 +138,13 @@ class RunpodStandin:
         # "issue": privatePort/publicPort/isIpPublic; "v2": private/public (the OpenAPI text).
         self.port_style = port_style
         self.cost_per_hr = cost_per_hr
+        # What an interruptible pod costs (RunPod's spot price): half the on-demand one by default.
+        self.spot_cost_per_hr = cost_per_hr / 2 if spot_cost_per_hr is None else spot_cost_per_hr
+        # Called with the pod id by preempt(), outside the lock: the harness stops the pod's sshd
+        # and its processes there (the stand-in only knows the API side).
+        self.on_preempt = on_preempt
+        self.no_interruptible_capacity = False
+        self.preempted: list[str] = []
         # GPU type ids ("NVIDIA A40") or "gpu@CLOUD" ("NVIDIA A40@SECURE") answered with 400.
         self.no_capacity: set[str] = set(no_capacity)
         self.list_terminated = list_terminated
@@ -230,6 +242,18 @@ class RunpodStandin:
         with self._lock:
             self._pods[pod_id].forced = status.upper() if status else None
 
+    def preempt(self, pod_id: str) -> None:
+        """Take the pod back as RunPod does a spot pod: it stops (EXITED, its sshd gone with it),
+        and stays listed until deleted. ``on_preempt`` does the machine side."""
+        with self._lock:
+            rec = self._pods[pod_id]
+            if rec.forced in ("EXITED", "TERMINATED"):
+                raise AssertionError(f"pod {pod_id} is already {rec.forced}")
+            rec.forced = "EXITED"
+            self.preempted.append(pod_id)
+        if self.on_preempt is not None:
+            self.on_preempt(pod_id)
+
     def set_ssh_endpoint(self, host: str, port: int, pod_id: str | None = None) -> None:
         """Where ``ssh.direct``/the tcp mapping point: all pods, or one (a restarted pod moves)."""
         with self._lock:
@@ -320,6 +344,7 @@ class RunpodStandin:
             "dataCenterId": "US-STANDIN-1",
             "template": None,
             "cost": rec.cost if status in _ALIVE else 0.0,
+            "interruptible": rec.interruptible,
             "locked": False,
             "globalNetworking": {"enabled": False},
             "ssh": {"proxy": {"host": "ssh.standin.invalid", "port": 22, "username": f"{rec.id}-proxy",
@@ -424,11 +449,16 @@ class RunpodStandin:
             return _problem(400, "mounts: at most one of persistent or network")
         if errors:
             return _problem(422, "Request validation failed.", errors=errors)
+        interruptible = body.get("interruptible", False)
+        if not isinstance(interruptible, bool):
+            return _problem(422, "Request validation failed.", errors=["interruptible: boolean"])
         gpu_id = gpu["id"] if isinstance(gpu, dict) else ""
-        if gpu_id in self.no_capacity or f"{gpu_id}@{cloud}" in self.no_capacity:
+        if (gpu_id in self.no_capacity or f"{gpu_id}@{cloud}" in self.no_capacity
+                or (interruptible and self.no_interruptible_capacity)):
             return _problem(400, "There are no longer any instances available with the requested "
                                  f"specifications ({gpu_id}, {cloud} cloud). Please refresh and try again.")
-        rec = self._new_record(dict(body))
+        rec = self._new_record(dict(body), cost=self.spot_cost_per_hr if interruptible else None)
+        rec.interruptible = interruptible
         self._created += 1
         return 201, self._render(rec), {"Location": f"{PREFIX}/pods/{rec.id}"}
 

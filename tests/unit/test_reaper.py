@@ -133,7 +133,7 @@ class SloppyProvider:
     async def terminate(self, pod_id: str) -> None:
         self.terminated.append(pod_id)
 
-    async def create(self, name: str) -> Pod:
+    async def create(self, name: str, *, interruptible: bool = False) -> Pod:
         raise NotImplementedError
 
     async def find(self, name: str) -> Pod | None:
