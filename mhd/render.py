@@ -82,7 +82,7 @@ def _nll(ev: dict[str, Any] | None) -> str:
 
 def render_runs(runs: list[dict[str, Any]]) -> Table:
     t = Table(title="mhd runs")
-    for col in ("run", "trigger", "outcome", "duration", "pod time", "cost", "samples", "loss",
+    for col in ("run", "trigger", "outcome", "duration", "pods", "pod time", "cost", "samples", "loss",
                 "held-out NLL base → new", "decision", "model"):
         t.add_column(col)
     for r in runs:
@@ -90,7 +90,9 @@ def render_runs(runs: list[dict[str, Any]]) -> Table:
         if r.get("events"):
             outcome += " ↺" * len(r["events"])
         model = (r.get("model_name") or "-") + (" *" if r.get("model_active") else "")
-        t.add_row(r["id"], r["trigger"], outcome, duration(r["duration_s"]), duration(r["billed_s"]),
+        pods = len(r.get("pods") or [])
+        pods_cell = f"{pods}" + (f" ({r['preemptions']} preempted)" if r.get("preemptions") else "")
+        t.add_row(r["id"], r["trigger"], outcome, duration(r["duration_s"]), pods_cell, duration(r["billed_s"]),
                   f"${r['cost_usd']:.2f}", str(r["samples"] if r["samples"] is not None else "-"),
                   f"{r['final_loss']:.3f}" if r.get("final_loss") is not None else "-", _nll(r.get("eval")),
                   (r.get("eval") or {}).get("decision") or "-", model)

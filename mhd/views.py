@@ -49,7 +49,25 @@ def run_dict(run: Run, at: float | None = None) -> dict[str, Any]:
         "eval": eval_view(run),
         "merge_attempts": run.merge_attempts,
         "merge_retry_at": run.merge_retry_at,
+        "preemptions": run.preemptions or 0,
+        "on_demand": bool(run.on_demand),
+        "pod_interruptible": bool(run.pod_interruptible),
+        "checkpoint_step": run.checkpoint_step,
     }
+
+
+def pods_list(store: Store, run: Run, at: float | None = None) -> list[dict[str, Any]]:
+    """Every pod the run rented, with its own time and cost (the run's are their sum)."""
+    at = at or now()
+    out = []
+    for p in store.run_pods(run.id):
+        end = p.terminated_at or (run.pod_stopped_at if p.pod_id == run.pod_id else None) or at
+        billed = max(0.0, end - p.created_at)
+        out.append({"pod_id": p.pod_id, "name": p.name, "interruptible": bool(p.interruptible),
+                    "preempted": bool(p.preempted), "cost_per_hr": p.cost_per_hr,
+                    "created_at": p.created_at, "terminated_at": p.terminated_at,
+                    "billed_s": round(billed, 3), "cost_usd": round((p.cost_per_hr or 0.0) * billed / 3600.0, 4)})
+    return out
 
 
 def merge_waiting(store: Store) -> dict[str, Any] | None:
@@ -110,5 +128,6 @@ def runs_list(store: Store, limit: int = 20) -> list[dict[str, Any]]:
         d = run_dict(r, at)
         d["model_active"] = bool(r.model_name and r.model_name in active)
         d["events"] = events.get(r.id, [])
+        d["pods"] = pods_list(store, r, at)
         out.append(d)
     return out

@@ -24,7 +24,12 @@ from mhd.states.context import RunContext
 from mhd.store import Run, now
 
 NextPod = Literal["interruptible", "on_demand", "fail"]
-EVENT = "preempted"
+EVENT = "preempted"  # the events table's kind, and how the journal's reason starts
+
+
+def is_preemption(reason: str) -> bool:
+    """Whether a journal row is a preemption (the web timeline marks those)."""
+    return reason.startswith(EVENT + ":")
 
 
 def uses_volume(cfg: Config) -> bool:

@@ -49,6 +49,7 @@ from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
 
 from mhd.config import WebConfig
 from mhd.errors import ConfigError
+from mhd.states.preemption import is_preemption
 from mhd.store import PROGRESS_FIELDS, Run, Store
 from mhd.views import run_dict, runs_list
 from mhd.web import charts
@@ -435,7 +436,8 @@ class WebServer:
     async def _api_journal(self, req: Request, m: re.Match[str]) -> Response:
         run = self._run(m["id"])
         return Response.json([{"from_state": t.from_state.value, "to_state": t.to_state.value,
-                               "reason": t.reason, "at": t.at} for t in self.store.journal(run.id)])
+                               "reason": t.reason, "at": t.at, "preempted": is_preemption(t.reason)}
+                              for t in self.store.journal(run.id)])
 
     async def _api_eval(self, req: Request, m: re.Match[str]) -> Response:
         """The gate's numbers and decision, and the base/new generations (what `mhd eval RUN --json` prints)."""
@@ -514,11 +516,15 @@ def tail_lines(path: Path, n: int, max_bytes: int = LOG_TAIL_BYTES) -> tuple[lis
     return lines[-n:], size > max_bytes or len(lines) > n
 
 
+_PREEMPTED_ROW = ' class="preempted"'
+
+
 def render_log_page(run: Run, store: Store, files: list[dict[str, Any]]) -> str:
     esc = html.escape
     outcome = run.outcome.value if run.outcome else f"active: {run.state.value}"
     rows = "".join(
-        f"<tr><td>{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(t.at))}</td>"
+        f"<tr{_PREEMPTED_ROW if is_preemption(t.reason) else ''}>"
+        f"<td>{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(t.at))}</td>"
         f"<td>{esc(t.from_state.value)} → {esc(t.to_state.value)}</td><td>{esc(t.reason)}</td></tr>"
         for t in store.journal(run.id))
     blocks = []

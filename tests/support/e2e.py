@@ -110,8 +110,29 @@ class E2E:
         self.api_key_file.write_text(API_KEY + "\n")
         self.api_key_file.chmod(0o600)
         kw.setdefault("ssh_user", self.sshd.user)
+        kw.setdefault("on_preempt", self._pod_stopped)
         self.runpod = RunpodStandin(api_key=API_KEY, ssh_host="127.0.0.1", ssh_port=self.proxy.port, **kw).start()
         return self.runpod
+
+    def _pod_stopped(self, pod_id: str) -> None:
+        """The machine side of ``RunpodStandin.preempt``: the pod's sshd goes (every connection
+        through it drops) and its processes die. The link first: a daemon that saw the trainer
+        gone while still connected would relaunch it on the lost pod."""
+        assert self.runpod is not None and self.proxy is not None
+        self.proxy.cut()
+        pgid = self.pod_group(str(self.runpod.pods[pod_id]["name"]))
+        if pgid is not None:
+            with contextlib.suppress(OSError):
+                os.killpg(pgid, signal.SIGKILL)
+
+    def pod_group(self, pod_name: str) -> int | None:
+        """The job's process group in pod ``pod_name``'s run folder (one folder per pod)."""
+        try:
+            pgid = int((self.remote_root / "runs" / pod_name / "pid").read_text().strip())
+        except (OSError, ValueError):
+            return None
+        self._groups.add(pgid)
+        return pgid
 
     def new_proxy(self) -> TcpProxy:
         """Another way in to the same sshd (a pod that came back on another public port)."""

@@ -182,7 +182,9 @@
       const li = node("li", "chip s-" + t.to_state.toLowerCase() + (current ? " current" : " done"));
       li.title = t.reason || "";
       li.dataset.state = t.to_state;
+      if (t.preempted) li.classList.add("preempted");  // the pod was taken back: a new one follows
       li.appendChild(node("span", "name", t.to_state));
+      if (t.preempted) li.appendChild(node("span", "mark", "⚡ preempted"));
       let detail;
       if (t.to_state === "Idle" && !active) {
         detail = run && run.outcome ? run.outcome : "";
