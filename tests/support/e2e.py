@@ -353,8 +353,9 @@ class E2E:
         finally:
             store.close()
 
-    def verify_output(self, run_id: str) -> dict[str, Any]:
-        """Every fetched file matches manifest.json's size and sha256; returns the manifest."""
+    def verify_output(self, run_id: str, pod_name: str | None = None) -> dict[str, Any]:
+        """Every fetched file matches manifest.json's size and sha256, and the manifest is the one
+        in pod ``pod_name``'s run folder (default: the run's first pod); returns the manifest."""
         out = self.run_dir(run_id) / "output"
         manifest = json.loads((out / "manifest.json").read_text())
         files = manifest["files"]
@@ -363,7 +364,8 @@ class E2E:
             p = out / f["path"]
             assert p.stat().st_size == f["size"], f
             assert sha256_file(p) == f["sha256"], f"{f['path']}: sha256 differs from the manifest"
-        remote = json.loads((self.remote_dir(run_id) / "manifest.json").read_text())
+        folder = self.remote_root / "runs" / pod_name if pod_name else self.remote_dir(run_id)
+        remote = json.loads((folder / "manifest.json").read_text())
         assert remote["files"] == files
         return dict(manifest)
 
