@@ -121,6 +121,37 @@ async def test_create_sends_the_v2_body_with_ssh_port_public_key_and_unattended_
     assert "env" not in pod.extra  # env may hold tokens; extra may be stored
 
 
+async def test_interruptible_create_sends_the_flag_and_pays_the_spot_price(
+        standin: RunpodStandin, provider: RunpodProvider) -> None:
+    spot = await provider.create("mhd-run1", interruptible=True)
+    plain = await provider.create("mhd-run1-a2")
+    first, second = standin.requests_for("POST /pods")
+    assert first.json["interruptible"] is True
+    assert "interruptible" not in second.json  # an on-demand body is what it was before spot pods
+    assert spot.cost_per_hr == pytest.approx(0.22) and spot.extra["interruptible"] is True
+    assert plain.cost_per_hr == pytest.approx(0.44) and plain.extra["interruptible"] is False
+
+
+async def test_no_interruptible_capacity_is_named_as_such(standin: RunpodStandin, provider: RunpodProvider) -> None:
+    standin.no_interruptible_capacity = True
+    with pytest.raises(NoCapacityError, match="no interruptible capacity"):
+        await provider.create("mhd-run1", interruptible=True)
+    assert standin.created_count == 0
+    assert (await provider.create("mhd-run1")).cost_per_hr == pytest.approx(0.44)
+
+
+async def test_a_preempted_pod_is_listed_exited_until_deleted(standin: RunpodStandin,
+                                                              provider: RunpodProvider) -> None:
+    pod = await provider.create("mhd-run1", interruptible=True)
+    standin.preempt(pod.id)
+    seen = await provider.get(pod.id)
+    assert seen is not None and seen.status == "EXITED" and seen.gone
+    assert await provider.endpoint(seen) is None  # its sshd went with it
+    assert [p.id for p in await provider.list_owned()] == [pod.id]  # still bills for its disk
+    await provider.terminate(pod.id)
+    assert await provider.list_owned() == []
+
+
 async def test_create_refuses_a_name_the_reaper_would_not_recognise(provider: RunpodProvider,
                                                                      standin: RunpodStandin) -> None:
     with pytest.raises(ProviderError, match="mhd-"):

@@ -41,6 +41,34 @@ def test_a_version_1_database_is_upgraded_in_place_keeping_its_runs(tmp_path: Pa
     assert new.get_run(run.id).merge_attempts == 2
 
 
+def test_a_version_2_database_gains_the_preemption_columns_and_bills_every_pod(tmp_path: Path):
+    path = tmp_path / "v2.db"
+    old = Store(f"sqlite:///{path}")
+    run = old.create_run("manual", "runpod")
+    old.update_run(run.id, cost_per_hr=0.5, pod_started_at=1000.0, pod_stopped_at=1720.0)
+    old.record_pod("p1", run.id, "runpod", "mhd-x")
+    old.close()
+    with sqlite3.connect(path) as con:
+        for col in ("preemptions", "on_demand", "pod_interruptible", "prior_billed_s", "prior_cost_usd",
+                    "checkpoint_step"):
+            con.execute(f"ALTER TABLE runs DROP COLUMN {col}")
+        for col in ("cost_per_hr", "interruptible", "preempted"):
+            con.execute(f"ALTER TABLE pods DROP COLUMN {col}")
+        con.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    new = Store(f"sqlite:///{path}")
+    assert new.schema_version() == SCHEMA_VERSION == 3
+    got = new.get_run(run.id)
+    assert got is not None and got.preemptions == 0 and not got.on_demand and got.checkpoint_step is None
+    assert got.billed_s() == pytest.approx(720.0) and got.cost_usd() == pytest.approx(0.1)
+    (pod,) = new.run_pods(run.id)
+    assert not pod.preempted and not pod.interruptible
+    # A second pod after a preemption: the first one's time and cost are carried, not lost.
+    got = new.update_run(run.id, prior_billed_s=720.0, prior_cost_usd=0.1, cost_per_hr=0.25,
+                         pod_started_at=2000.0, pod_stopped_at=3440.0, preemptions=1)
+    assert got.billed_s() == pytest.approx(2160.0) and got.cost_usd() == pytest.approx(0.2)
+    assert got.pod_billed_s() == pytest.approx(1440.0)
+
+
 def test_newer_schema_is_refused_with_advice(tmp_path: Path, store: Store):
     with sqlite3.connect(tmp_path / "mhd.db") as con:
         con.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
