@@ -165,6 +165,9 @@ async def act(ctx: RunContext, m: RunMachine) -> None:
         files = await _download(ctx, run, out)
     run = ctx.store.update_run(run.id, adapter_sha256=adapter_sha(files))
     await terminate_pod(ctx, run, "artifacts fetched and verified")
+    # The training checkpoint kept for a preemption is of no use once the adapter is here.
+    for name in ("checkpoint", "checkpoint.tmp", "checkpoint.old"):
+        shutil.rmtree(ctx.run_dir(run) / name, ignore_errors=True)
     m.fire("fetched", reason=f"{len(files)} file(s) verified; pod terminated")
 
 
