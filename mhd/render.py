@@ -51,6 +51,11 @@ def render_status(st: dict[str, Any]) -> Group:
         t.add_row("elapsed", duration(st.get("elapsed_s")))
         t.add_row("cost so far", f"${st.get('cost_usd') or 0:.2f}"
                   + (f" (${st['cost_per_hr']:.3f}/h)" if st.get("cost_per_hr") else ""))
+        run = st.get("run") or {}
+        if run.get("pod_interruptible") or run.get("preemptions"):
+            t.add_row("pod", ("interruptible" if run.get("pod_interruptible") else "on-demand")
+                      + f", {run.get('preemptions') or 0} preemption(s) so far"
+                      + (f", checkpoint step {run['checkpoint_step']} kept here" if run.get("checkpoint_step") else ""))
         gpu = st.get("gpu")
         if gpu:
             t.add_row("GPU", f"{gpu.get('gpu_util', '-')}% util, {gpu.get('gpu_mem_used', '-')}"
