@@ -226,3 +226,54 @@ def test_cut_link_is_not_a_preemption_and_the_fallback_to_on_demand_survives_a_r
     assert rp.live_pods() == {}
     e2e.wait_no_jobs()
     assert d.stop() == 0
+
+
+def test_on_preemption_fail_ends_the_run_at_max_preemptions_and_deletes_the_pod(spot: E2E) -> None:
+    e2e = spot
+    rp = e2e.use_runpod()
+    configure(e2e, 0.3, max_preemptions=1, on_preemption="fail")
+    e2e.write_memories(6)
+    d = e2e.daemon().start()
+    run_id = e2e.start_run(d)
+    wait_until(lambda: e2e.step(run_id) >= 2, 60, "training under way", on_timeout=e2e.tail)
+    rp.preempt(live_pod(e2e))
+    last = e2e.wait_run_end(d, run_id, timeout=60)
+
+    assert last["outcome"] == "failed", last
+    assert last["error"].startswith("preempted:") and 'on_preemption = "fail"' in last["error"], last["error"]
+    path = e2e.journal(run_id)
+    assert path[-3:] == ["Training", "Aborting", "Idle"] and path.count("Provisioning") == 1, path
+    assert rp.created_count == 1 and rp.live_pods() == {}
+    store = e2e.store()
+    run = store.get_run(run_id)
+    (pod,) = store.run_pods(run_id)
+    store.close()
+    assert run is not None and run.preemptions == 1 and pod.preempted and pod.terminated_at is not None
+    assert run.billed_s() == pytest.approx(pod.terminated_at - pod.created_at, rel=1e-9)
+    e2e.wait_no_jobs()
+    assert d.stop() == 0
+
+
+def test_no_interruptible_capacity_rents_on_demand_and_the_run_stays_there(spot: E2E) -> None:
+    e2e = spot
+    rp = e2e.use_runpod()
+    rp.no_interruptible_capacity = True
+    configure(e2e, 0.05)
+    e2e.write_memories(6)
+    d = e2e.daemon().start()
+    run_id = e2e.start_run(d)
+    last = e2e.wait_run_end(d, run_id, timeout=60)
+
+    assert last["outcome"] == "succeeded", f"{last}\n{e2e.tail()}"
+    posts = [(r.json["gpu"]["id"], r.json.get("interruptible")) for r in rp.requests_for("POST /pods")]
+    assert posts == [("NVIDIA RTX A6000", True), ("NVIDIA A40", True), ("NVIDIA RTX A6000", None)], posts
+    store = e2e.store()
+    run = store.get_run(run_id)
+    (pod,) = store.run_pods(run_id)
+    events = [e.detail for e in store.events(run_id, kind="preempted")]
+    store.close()
+    assert run is not None and run.on_demand and run.preemptions == 0 and not run.pod_interruptible
+    assert not pod.interruptible and pod.cost_per_hr == rp.cost_per_hr
+    assert len(events) == 1 and events[0].startswith("no interruptible capacity"), events
+    assert rp.live_pods() == {}
+    assert d.stop() == 0
