@@ -96,7 +96,7 @@ def e2e_journal(e2e: E2E, run_id: str) -> list[str]:
 def test_preempted_in_uploading_training_twice_and_fetching_resumes_each_time_on_a_new_pod(spot: E2E) -> None:
     e2e = spot
     rp = e2e.use_runpod()
-    configure(e2e, 0.2, max_preemptions=10)
+    configure(e2e, 0.25, max_preemptions=10)
     e2e.write_memories(6)
     pauses = "Uploading.partial=0.2,Fetching.partial=1.5"
     d = e2e.daemon(pause=pauses).start()
@@ -107,18 +107,20 @@ def test_preempted_in_uploading_training_twice_and_fetching_resumes_each_time_on
                on_timeout=e2e.tail)
     rp.preempt(live_pod(e2e))
 
-    # 2. Training, once a checkpoint is kept here; the daemon is SIGKILLed right after.
-    def trained_past(step: int, preemptions: int) -> bool:
+    # 2. Training, once this pod's trainer made a checkpoint that is kept here; the daemon is
+    # SIGKILLed right after.
+    def checkpointed(attempt: int) -> bool:
+        starts = resumed_at(e2e, f"mhd-{run_id}-a{attempt}")
         r = run_row(e2e, run_id)
-        return r.preemptions == preemptions and (r.checkpoint_step or 0) >= step and r.state.value == "Training"
+        return bool(starts) and (r.checkpoint_step or 0) > starts[0] and r.state.value == "Training"
 
-    wait_until(lambda: trained_past(SAVE, 1), 60, "pod 2 to checkpoint", interval=0.05, on_timeout=e2e.tail)
+    wait_until(lambda: checkpointed(2), 60, "pod 2 to checkpoint", interval=0.05, on_timeout=e2e.tail)
     rp.preempt(live_pod(e2e))
     d.kill()
     d = e2e.daemon(pause=pauses).start()
 
     # 3. Training again, on the pod that resumed from that checkpoint.
-    wait_until(lambda: trained_past(2 * SAVE, 2), 60, "pod 3 to checkpoint", interval=0.05, on_timeout=e2e.tail)
+    wait_until(lambda: checkpointed(3), 60, "pod 3 to checkpoint", interval=0.05, on_timeout=e2e.tail)
     rp.preempt(live_pod(e2e))
 
     # 4. Fetching: after the first artifact.
