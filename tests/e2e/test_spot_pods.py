@@ -279,3 +279,32 @@ def test_no_interruptible_capacity_rents_on_demand_and_the_run_stays_there(spot:
     assert len(events) == 1 and events[0].startswith("no interruptible capacity"), events
     assert rp.live_pods() == {}
     assert d.stop() == 0
+
+
+def test_on_a_network_volume_the_new_pod_resumes_from_the_checkpoint_left_there(spot: E2E) -> None:
+    # The "pods" share this machine's disk, which plays the volume: the run folder outlives pod 1.
+    e2e = spot
+    rp = e2e.use_runpod()
+    configure(e2e, 0.25, network_volume_id="vol_test")
+    e2e.write_memories(6)
+    d = e2e.daemon().start()
+    run_id = e2e.start_run(d)
+    wait_until(lambda: (e2e.remote_dir(run_id) / "checkpoints" / f"checkpoint-{SAVE}" / "trainer_state.json").exists(),
+               60, "a checkpoint on the volume", on_timeout=e2e.tail)
+    rp.preempt(live_pod(e2e))
+    last = e2e.wait_run_end(d, run_id, timeout=60)
+
+    assert last["outcome"] == "succeeded", f"{last}\n{e2e.tail()}"
+    posts = rp.requests_for("POST /pods")
+    assert [r.json["name"] for r in posts] == [f"mhd-{run_id}", f"mhd-{run_id}-a2"]
+    assert all(r.json["mounts"] == {"network": [{"volumeId": "vol_test", "path": "/workspace"}]} for r in posts)
+    assert not (e2e.remote_root / "runs" / f"mhd-{run_id}-a2").exists()  # both worked in the volume's folder
+    first, again = resumed_at(e2e, f"mhd-{run_id}")
+    assert first == 0 and again >= SAVE, (first, again)
+    assert TOTAL <= trained_steps(e2e, f"mhd-{run_id}") <= TOTAL + SAVE
+    run = run_row(e2e, run_id)
+    assert run.preemptions == 1 and run.checkpoint_step is None  # nothing pulled: the volume kept it
+    e2e.verify_output(run_id)
+    assert rp.live_pods() == {}
+    e2e.wait_no_jobs()
+    assert d.stop() == 0
