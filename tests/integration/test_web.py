@@ -495,3 +495,19 @@ def test_the_gate_card_gets_the_numbers_decision_and_generations_of_the_run(stor
     assert got["generations"] == ev["generations"]
     page = (Path(__file__).resolve().parents[2] / "mhd" / "web" / "static" / "app.js").read_text()
     assert "/eval`" in page and "renderGate" in page
+
+
+def test_the_timeline_marks_each_preemption(store, tmp_path):
+    run_id = start_training(store)
+    store.transition(run_id, S.TRAINING, S.PROVISIONING, reason="preempted: pod pod-test EXITED in Training "
+                     "(preemption 1 of max_preemptions 3); resuming on a new interruptible pod from checkpoint step 8")
+    walk(store, run_id, [S.CONNECTING, S.UPLOADING, S.TRAINING])
+    with ServerThread(WebConfig(listen="127.0.0.1:0"), store, lambda: {}, runs_dir=tmp_path / "runs") as srv, \
+            httpx.Client(base_url=srv.url, timeout=30) as http:
+        journal = http.get(f"/api/runs/{run_id}/journal").json()
+        page = http.get(f"/runs/{run_id}/log").text
+    marked = [(j["from_state"], j["to_state"]) for j in journal if j["preempted"]]
+    assert marked == [("Training", "Provisioning")], journal
+    assert page.count('<tr class="preempted">') == 1
+    app = (Path(__file__).resolve().parents[2] / "mhd" / "web" / "static" / "app.js").read_text()
+    assert "if (t.preempted)" in app  # the chip of that transition gets its mark
