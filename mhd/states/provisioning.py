@@ -1,7 +1,8 @@
 """Provisioning: build the dataset (local, idempotent), then adopt or rent the pod.
 
-The pod's name is derived from the run id, and ``find`` runs before ``create``: a crash between
-the provider's answer and our DB write leads to adoption, never to a second pod.
+The pod's name is derived from the run id and the attempt (``mhd-<run>``, then ``mhd-<run>-a2``
+after a preemption), and ``find`` runs before ``create``: a crash between the provider's answer
+and our DB write leads to adoption, never to a second pod for the same attempt.
 
 Before the inputs are built, the run decides whether the pod exports a merged GGUF after training
 (``config.json`` ``"export"``): yes when the model goes to an Ollama that takes only merged models
