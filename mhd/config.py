@@ -197,6 +197,17 @@ class EvalConfig(_Section):
     max_new_tokens: int = Field(48, ge=1, le=512)
 
 
+class ForgetConfig(_Section):
+    """What a forgotten memory (file deleted, ``trainingConsent: false``, `mhd forget`) sets off.
+
+    ``retrain``: a run without it starts at once (threshold bypassed; budget and the failed-run
+    cooldown still apply), and once its model is promoted every model and file holding the memory
+    is removed. ``flag``: nothing automatic; status shows the models, `mhd forget --purge` removes.
+    """
+
+    policy: Literal["retrain", "flag"] = "retrain"
+
+
 class WebConfig(_Section):
     enabled: bool = True
     listen: str = "127.0.0.1:8765"
@@ -256,6 +267,7 @@ class Config(_Section):
     merge: MergeConfig = Field(default_factory=MergeConfig)
     web: WebConfig = Field(default_factory=WebConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    forget: ForgetConfig = Field(default_factory=ForgetConfig)
     local: LocalConfig = Field(default_factory=LocalConfig)
     retry: RetryConfig = Field(default_factory=RetryConfig)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from mhd.purge import forget_view
 from mhd.quality.gate import eval_view
 from mhd.states.model import RunState
 from mhd.store import Run, Store, now
@@ -91,7 +92,8 @@ def loss_history(store: Store, run: Run | None, limit: int = 200) -> list[float]
 
 
 def status_snapshot(store: Store, *, pending: int, threshold: int, daemon: dict[str, Any],
-                    schedule: str | None = None, next_schedule_at: float | None = None) -> dict[str, Any]:
+                    schedule: str | None = None, next_schedule_at: float | None = None,
+                    forget_policy: str = "retrain") -> dict[str, Any]:
     at = now()
     run = store.active_run()
     last = None if run else store.last_run()
@@ -110,6 +112,7 @@ def status_snapshot(store: Store, *, pending: int, threshold: int, daemon: dict[
         "run": run_dict(run, at) if run else None,
         "last_run": run_dict(last, at) if last else None,
         "merge_waiting": merge_waiting(store),
+        "forget": forget_view(store, forget_policy),
         "schedule": schedule,
         "next_schedule_at": next_schedule_at,
         "daemon": daemon,
@@ -123,9 +126,12 @@ def runs_list(store: Store, limit: int = 20) -> list[dict[str, Any]]:
     for e in store.events(kind="rollback"):
         events.setdefault(e.run_id, []).append({"kind": e.kind, "detail": e.detail, "at": e.at})
     active = {m.name for m in store.models() if m.active}
+    pending = store.forgotten_keys(pending_only=True)
     out = []
     for r in store.list_runs(limit):
         d = run_dict(r, at)
+        # Forgotten memories its model (or its files) still hold: what a purge would remove.
+        d["forgotten_inside"] = len(store.model_keys(r.id) & pending) if pending and not r.purged_at else 0
         d["model_active"] = bool(r.model_name and r.model_name in active)
         d["events"] = events.get(r.id, [])
         d["pods"] = pods_list(store, r, at)

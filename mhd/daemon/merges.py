@@ -19,7 +19,7 @@ from typing import Any
 
 from mhd.config import Config
 from mhd.errors import MergeError
-from mhd.states.merging import adapter_dir, merge_adapter, merge_backoff, record_merged
+from mhd.states.merging import adapter_dir, forgotten_refusal, merge_adapter, merge_backoff, record_merged
 from mhd.states.model import Outcome
 from mhd.store import Run, Store, now
 
@@ -85,6 +85,11 @@ class MergeRetrier:
                 return {"ok": False, "error": f"run {run.id} did not fail in Merging "
                                               f"({run.outcome.value if run.outcome else run.state.value})"}
             attempts = (run.merge_attempts or 0) + 1
+            if (refusal := forgotten_refusal(self.store, run_id)) is not None:
+                self.store.update_run(run_id, outcome=Outcome.REJECTED, error=refusal, merge_retry_at=None)
+                self.store.add_event(run_id, "merge_retry", refusal)
+                log.warning("%s; merge retries stopped", refusal)
+                return {"ok": False, "run_id": run_id, "error": refusal}
             lines: list[str] = []
 
             def note(line: str) -> None:
@@ -121,6 +126,8 @@ class MergeRetrier:
                 return {"ok": False, "error": f"run {run.id} was not rejected by the quality gate "
                                               f"({run.outcome.value if run.outcome else run.state.value}); "
                                               "`mhd merge RUN` retries a failed merge"}
+            if (refusal := forgotten_refusal(self.store, run_id)) is not None:
+                return {"ok": False, "run_id": run_id, "error": refusal}
             lines: list[str] = []
             try:
                 model = await merge_adapter(self.cfg, self.store, run_id, lines.append)

@@ -21,6 +21,7 @@ from mhd import __version__
 from mhd.config import Config
 from mhd.daemon.control import ControlServer
 from mhd.daemon.dump import describe
+from mhd.daemon.forgetting import Forgetter
 from mhd.daemon.merges import MergeRetrier
 from mhd.daemon.notify import sd_notify, watchdog_interval
 from mhd.daemon.providers import build_connector, build_provider
@@ -81,6 +82,8 @@ class Daemon:
         )
         self.merge_lock = asyncio.Lock()
         self.merges = MergeRetrier(cfg, self.store, self.merge_lock, self._merged_later)
+        self.forgetter = Forgetter(cfg, self.store, self.index, start_run=self.start_run, cancel=self._cancel,
+                                   hold_until=lambda: self.triggers.hold_until, on_purged=self._recount)
 
     # Control ---------------------------------------------------------------------------------
     def busy(self) -> bool:
@@ -88,15 +91,15 @@ class Daemon:
 
     def start_run(self, trigger: str) -> str | None:
         waiting = self.merges.waiting()
-        if waiting is not None and trigger != "manual":
+        if waiting is not None and trigger not in ("manual", "forget"):
             # Its memories are trained already; a new pod would fail at the same merge. Retry that.
             log.info("not starting a %s run: run %s's adapter waits for its merge (%s); retrying the "
                      "merge instead of renting a pod", trigger, waiting.id, waiting.error or "failed")
             self.merges.poke_if_due()
             return None
         if waiting is not None:
-            log.warning("manual run while run %s's adapter waits for its merge (`mhd merge %s`)",
-                        waiting.id, waiting.id)
+            log.warning("%s run while run %s's adapter waits for its merge (`mhd merge %s`)",
+                        trigger, waiting.id, waiting.id)
         try:
             run = self.store.create_run(trigger, self.cfg.provider)
         except StoreError as exc:
@@ -111,6 +114,19 @@ class Daemon:
         self.index.mark_trained(keys)
         self.triggers.hold_until = 0.0
         self.triggers.changed()
+        self.forgetter.changed(0)
+
+    def _cancel(self, run_id: str, why: str) -> None:
+        self.store.request_cancel(run_id)
+        if self.ctx is not None:
+            self.ctx.wake.set()
+
+    def _recount(self) -> None:
+        self.index.pending = self.store.pending_count()
+
+    def _memories_changed(self) -> None:
+        self.triggers.changed()
+        self.forgetter.changed()
 
     def reload(self) -> None:
         """SIGHUP: re-read the config file; what a run reads at each use applies at once."""
@@ -139,6 +155,7 @@ class Daemon:
             daemon={"pid": os.getpid(), "version": __version__, "uptime_s": round(time.time() - self.started, 1),
                     "provider": self.cfg.provider, "memory_dir": str(self.cfg.memory_dir)},
             schedule=self.cfg.schedule, next_schedule_at=self.triggers.next_schedule_at(),
+            forget_policy=self.cfg.forget.policy,
         )
 
     async def handle(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -160,6 +177,13 @@ class Daemon:
             if cmd == "promote":
                 return await self.merges.promote(run.id)
             return await self.merges.attempt(run.id)
+        if cmd == "forget":
+            reasons = {str(k): "owner" for k in req.get("keys") or []}
+            new = self.forgetter.forget(reasons)
+            return {"ok": True, "forgotten": new, "policy": self.cfg.forget.policy}
+        if cmd == "purge":
+            async with self.forgetter.lock:
+                return await self.forgetter.purge()
         if cmd == "cancel":
             active = self.store.active_run()
             if active is None:
@@ -188,7 +212,7 @@ class Daemon:
                                   log=logging.getLogger("mhd.run"), on_trained=self.index.mark_trained,
                                   merge_lock=self.merge_lock)
 
-            watcher = Watcher(self.index, self.triggers.changed)
+            watcher = Watcher(self.index, self._memories_changed)
             stack.push_async_callback(watcher.stop)
             await watcher.start()
             watcher.start_consumer()
@@ -200,6 +224,7 @@ class Daemon:
             self._hold_after(self.store.last_run())
             self.triggers.start_scheduler()
             stack.callback(self.triggers.stop)
+            stack.callback(self.forgetter.stop)
             await self._start_web(stack)
 
             tasks = [asyncio.create_task(self._reaper(), name="reaper"),
@@ -213,6 +238,7 @@ class Daemon:
                      __version__, self.cfg.provider, self.index.pending, self.cfg.threshold,
                      self.cfg.socket_path)
             self.triggers.changed()
+            self.forgetter.changed()  # a deletion while the daemon was down counts too
             await self._main_loop()
             sd_notify("STOPPING=1")
             log.info("stopping (SIGTERM): the active run, if any, resumes on next start")
@@ -243,6 +269,7 @@ class Daemon:
                         await asyncio.wait({stop}, timeout=5)
                     self.current = None
                     self.triggers.changed()
+                    self.forgetter.changed(0)
         finally:
             stop.cancel()
             if self.current is not None and not self.current.done():

@@ -117,6 +117,8 @@ class MemoryIndex:
         self.cfg = cfg
         self.pending = 0
         self.not_ready: set[str] = set()
+        # key → why it left its file ("deleted", "excluded", "edited"): the forgetting's reason
+        self.hints: dict[str, str] = {}
 
     def rescan_blocking(self) -> RescanSummary:
         """Thread-safe part of the startup rescan (reads files and the DB, touches no state)."""
@@ -132,8 +134,14 @@ class MemoryIndex:
         self.pending = summary.pending
         self.not_ready = set(summary.not_ready)
 
-    def _change(self, path: str, info: FileInfo | None) -> None:
+    def _change(self, path: str, info: FileInfo | None, *, half_written: bool = False) -> None:
+        old = None if half_written else self.store.memory_file_key(path)
         self.pending = max(0, self.pending + self.store.change_memory_file(path, info))
+        if old is not None and (info is None or info[2] != old):
+            if info is not None:
+                self.hints[old] = "edited" if info[2] else "excluded"
+            else:
+                self.hints[old] = "deleted"
 
     def update(self, path: str) -> bool:
         """Re-read one path after an event; returns True if it is still not ready (retry later)."""
@@ -147,7 +155,7 @@ class MemoryIndex:
                             not_ready_grace_s=self.cfg.not_ready_grace_s)
         if isinstance(key, NotReady):
             # Not counted until it parses: it may yet turn out to be a reject.
-            self._change(path, None)
+            self._change(path, None, half_written=True)
             self.not_ready.add(path)
             return True
         self._change(path, (st.st_mtime_ns, st.st_size, key))

@@ -57,7 +57,9 @@ class _Tally:
 
     def reject(self, r: Reject) -> None:
         self.rejects[r.reason] += 1
-        if len(self.reject_examples) < EXAMPLES_CAP:
+        # A file the owner withdrew from training is counted, never named: its name is a slug of
+        # its text, and this manifest is kept.
+        if r.reason != "no_consent" and len(self.reject_examples) < EXAMPLES_CAP:
             self.reject_examples.append({"path": str(r.path), "reason": r.reason, "detail": r.detail})
 
     def wait(self, r: NotReady) -> None:
@@ -94,7 +96,8 @@ def _check_root(memory_dir: Path) -> None:
                            "its permissions for the user mhd runs as") from None
 
 
-def _scan(memory_dir: Path, cfg: DatasetConfig, now_ts: float) -> tuple[_Tally, list[_Candidate]]:
+def _scan(memory_dir: Path, cfg: DatasetConfig, now_ts: float,
+          exclude: frozenset[str]) -> tuple[_Tally, list[_Candidate]]:
     tally = _Tally()
     heap: list[_Candidate] = []
     types = set(cfg.types)
@@ -107,6 +110,9 @@ def _scan(memory_dir: Path, cfg: DatasetConfig, now_ts: float) -> tuple[_Tally, 
             continue
         if isinstance(result, Reject):
             tally.reject(result)
+            continue
+        if result.key in exclude:
+            tally.skipped["forgotten"] += 1  # the owner took it back (`mhd forget`, a deletion)
             continue
         _consider(result, cfg, types, tally, heap)
     return tally, heap
@@ -192,8 +198,12 @@ def _write_json(path: Path, obj: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def build_dataset(memory_dir: Path, out_dir: Path, cfg: DatasetConfig, *, now: datetime | None = None) -> dict:
+def build_dataset(memory_dir: Path, out_dir: Path, cfg: DatasetConfig, *, now: datetime | None = None,
+                  exclude: frozenset[str] = frozenset()) -> dict:
     """Write the dataset files into ``out_dir`` and return the manifest.
+
+    ``exclude``: keys of forgotten memories; they are skipped (counted as ``forgotten``) even
+    where their file is still there.
 
     Raises ``DatasetError`` only when ``memory_dir`` itself cannot be read; bad files are
     counted in the manifest, never raised.
@@ -201,7 +211,7 @@ def build_dataset(memory_dir: Path, out_dir: Path, cfg: DatasetConfig, *, now: d
     memory_dir, out_dir = Path(memory_dir), Path(out_dir)
     _check_root(memory_dir)
     now = now or datetime.now(UTC)
-    tally, heap = _scan(memory_dir, cfg, now.timestamp())
+    tally, heap = _scan(memory_dir, cfg, now.timestamp(), exclude)
     chosen = _order(heap)
     train, held = _split(chosen, cfg.holdout_fraction, cfg.holdout_min)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -242,4 +252,7 @@ def _manifest(tally: _Tally, chosen: list[_Candidate], train: list[_Candidate], 
         "sample_keys": sorted(c.key for c in chosen),
         "train_keys": sorted(c.key for c in train),
         "heldout_keys": sorted(c.key for c in held),
+        # The lineage rows (`mhd lineage`): key, role, type, date; no text.
+        "lineage": [{"key": c.key, "role": role, "type": c.sample.type, "date": _iso(c.timestamp)}
+                    for role, part in (("train", train), ("heldout", held)) for c in part],
     }

@@ -139,6 +139,42 @@ def point_latest(cfg: Config, target: Path) -> Path:
     return link
 
 
+async def repoint_alias(cfg: Config, target: ModelRecord, *,
+                        transport: httpx.AsyncBaseTransport | None = None) -> None:
+    """Point the alias at ``target`` (Ollama: copy onto ``<prefix>:latest``; peft: the symlink)."""
+    if target.kind == KIND_PEFT:
+        point_latest(cfg, Path(target.name))
+        return
+    if not cfg.merge.ollama_url:
+        raise MergeError("merge.ollama_url is not set: cannot reach Ollama to move the alias")
+    async with OllamaClient(cfg.merge.ollama_url, transport=transport) as client:
+        await client.copy(target.name, alias_name(check_prefix(cfg.merge.model_prefix)))
+
+
+async def remove_alias(cfg: Config, kind: str, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
+    if kind == KIND_PEFT:
+        (models_dir(cfg) / LATEST_LINK).unlink(missing_ok=True)
+        return
+    if not cfg.merge.ollama_url:
+        raise MergeError("merge.ollama_url is not set: cannot reach Ollama to remove the alias")
+    async with OllamaClient(cfg.merge.ollama_url, transport=transport) as client:
+        await client.delete(alias_name(check_prefix(cfg.merge.model_prefix)), missing_ok=True)
+
+
+def forgotten_note(store: Store, run_id: str) -> str | None:
+    """Names the forgotten memories inside a run's model (for refusals), or None."""
+    inside = store.forgotten_in(run_id)
+    if not inside:
+        return None
+    rows = {r.key: r for r in store.lineage(run_id)}
+    named = []
+    for key in sorted(inside)[:3]:
+        r = rows.get(key)
+        named.append(f"{key[:12]} ({r.mtype or '?'}, {r.mdate or 'undated'})" if r else key[:12])
+    more = f" and {len(inside) - 3} more" if len(inside) > 3 else ""
+    return f"it contains {len(inside)} forgotten memory(ies): {', '.join(named)}{more}"
+
+
 # Rollback ----------------------------------------------------------------------------------------
 def _rollback_target(records: list[ModelRecord], run_id: str | None) -> tuple[ModelRecord, ModelRecord | None]:
     current = next((r for r in reversed(records) if r.active), None)
@@ -170,6 +206,9 @@ async def rollback(cfg: Config, store: Store, run_id: str | None = None, *,
     if not records:
         raise MergeError("mhd has registered no model yet: nothing to roll back to")
     target, current = _rollback_target(records, run_id)
+    if (why := forgotten_note(store, target.run_id)) is not None:
+        raise MergeError(f"refusing to roll back to {target.name} (run {target.run_id}): {why} "
+                         "(the owner took it back; `mhd forget --purge` removes that model)")
     if kind == KIND_PEFT:
         path = Path(target.name)
         if not path.is_dir():

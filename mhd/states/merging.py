@@ -75,12 +75,44 @@ def read_eval(run_dir: Path) -> dict[str, Any] | None:
     return dict(ev) if isinstance(ev, dict) else None
 
 
+def decide_run(cfg: Config, store: Store, run_id: str) -> Decision:
+    """The gate for this run. A run holding a memory its owner took back is never promoted; a
+    run made while the served model still holds one is a forgetting run (the owner's deletion
+    wins over the no-regression rule; it must still beat the base)."""
+    from mhd.quality.gate import promoted_run
+
+    ev = fetched_eval(cfg, run_id)
+    inside = store.forgotten_in(run_id)
+    if inside:
+        return forgotten_decision(ev, inside)
+    current = promoted_run(store)
+    forgetting = current is not None and current != run_id and bool(store.forgotten_in(current, pending_only=True))
+    return decide(ev, cfg.eval, forgetting=forgetting)
+
+
+def forgotten_decision(ev: dict[str, Any] | None, keys: set[str]) -> Decision:
+    from mhd.quality.gate import REJECTED, numbers
+
+    shown = ", ".join(sorted(k[:12] for k in keys)[:3]) + (" …" if len(keys) > 3 else "")
+    return Decision(REJECTED, f"it was trained on {len(keys)} memory(ies) forgotten since ({shown}): "
+                    "never promoted", ("forgotten",), numbers(ev))
+
+
+def forgotten_refusal(store: Store, run_id: str) -> str | None:
+    """Why this run's adapter must never be registered, when it holds a forgotten memory."""
+    inside = store.forgotten_in(run_id)
+    if not inside:
+        return None
+    return (f"run {run_id} was trained on {len(inside)} memory(ies) its owner has since forgotten "
+            f"({', '.join(sorted(k[:12] for k in inside)[:3])}): it is never registered")
+
+
 def gate(ctx: RunContext, run: Run) -> Decision:
     """Decide once per run (re-entering Merging reuses the recorded decision)."""
     if run.eval_json:
         d = json.loads(run.eval_json)
         return Decision(d["decision"], d["reason"], tuple(d.get("failed") or ()), d.get("numbers") or {})
-    decision = decide(fetched_eval(ctx.cfg, run.id), ctx.cfg.eval)
+    decision = decide_run(ctx.cfg, ctx.store, run.id)
     ctx.store.update_run(run.id, eval_json=decision.as_json(), eval_decision=decision.decision)
     ctx.append_log(run, f"quality gate: {decision.reason}")
     ctx.log.info("run %s: quality gate: %s", run.id, decision.reason)

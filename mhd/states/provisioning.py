@@ -117,7 +117,12 @@ def _build_dataset(ctx: RunContext, run: Run) -> dict[str, Any]:
     if ctx.cfg.eval.enabled:  # the gate's held-out split: stable by key, never trained on
         dcfg = dcfg.model_copy(update={"holdout_fraction": ctx.cfg.eval.fraction,
                                        "holdout_min": ctx.cfg.eval.min_count})
-    return dict(build_dataset(ctx.cfg.memory_dir, staging, dcfg))
+    manifest = dict(build_dataset(ctx.cfg.memory_dir, staging, dcfg,
+                                  exclude=frozenset(ctx.store.forgotten_keys())))
+    # Lineage is exact from the moment the files exist: the rows come from the records written.
+    ctx.store.record_lineage(run.id, ((e["key"], e["role"], e.get("type"), e.get("date"))
+                                      for e in manifest.get("lineage") or []))
+    return manifest
 
 
 def _finish_inputs(ctx: RunContext, run: Run, export: dict[str, Any] | None) -> None:
@@ -151,6 +156,9 @@ def _finish_inputs(ctx: RunContext, run: Run, export: dict[str, Any] | None) -> 
 async def act(ctx: RunContext, m: RunMachine) -> None:
     run = ctx.check(m.run.id)
     manifest_path = ctx.run_dir(run) / "input" / "dataset_manifest.json"
+    if manifest_path.exists() and run.pod_id is None and _holds_forgotten(ctx, manifest_path):
+        # A memory was forgotten since this dataset was built (a restart in between): no pod gets it.
+        shutil.rmtree(manifest_path.parent)
     if manifest_path.exists():
         manifest = dict(json.loads(manifest_path.read_text()))
     else:
@@ -233,6 +241,14 @@ async def _create(ctx: RunContext, run: Run, name: str) -> tuple[Pod, Run]:
         ctx.append_log(run, f"no interruptible capacity ({exc}); renting an on-demand pod")
         run = ctx.store.update_run(run.id, on_demand=True)
         return await ctx.provider.create(name), run
+
+
+def _holds_forgotten(ctx: RunContext, manifest_path: Path) -> bool:
+    try:
+        keys = {e["key"] for e in json.loads(manifest_path.read_text()).get("lineage") or []}
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return bool(keys & ctx.store.forgotten_keys())
 
 
 async def _preflight(ctx: RunContext, run: Run) -> None:

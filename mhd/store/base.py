@@ -20,6 +20,8 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.execute("PRAGMA busy_timeout=5000")
     cur.execute("PRAGMA foreign_keys=ON")
+    # A deleted row's bytes are zeroed, not left in a free page: a purge must really remove.
+    cur.execute("PRAGMA secure_delete=ON")
     cur.close()
 
 

@@ -64,13 +64,28 @@ class LedgerMixin(StoreBase):
             conn.execute(_FILES.insert(), rows)
 
     def pending_count(self) -> int:
-        """Distinct usable memories on disk (by key) that no run has trained on yet."""
+        """Distinct usable memories on disk (by key) that no run has trained on yet (nor forgotten)."""
         q = text(
             "SELECT COUNT(DISTINCT f.key) FROM memory_files AS f WHERE f.key IS NOT NULL AND NOT EXISTS "
-            "(SELECT 1 FROM memories AS m WHERE m.key = f.key AND m.trained_run_id IS NOT NULL)"
+            "(SELECT 1 FROM memories AS m WHERE m.key = f.key AND m.trained_run_id IS NOT NULL) "
+            "AND NOT EXISTS (SELECT 1 FROM forgotten AS g WHERE g.key = f.key)"
         )
         with self.engine.connect() as conn:
             return int(conn.execute(q).scalar_one())
+
+    def memory_file_key(self, path: str) -> str | None:
+        with self.engine.connect() as conn:
+            key = conn.execute(select(_FILES.c.key).where(_FILES.c.path == path)).scalar()
+            return str(key) if key else None
+
+    def has_memory_files(self) -> bool:
+        with self.engine.connect() as conn:
+            return conn.execute(select(_FILES.c.path).where(_FILES.c.key.is_not(None)).limit(1)).first() is not None
+
+    def paths_of(self, key: str) -> list[str]:
+        """Where this memory is on disk now (as the last scan saw it)."""
+        with self.engine.connect() as conn:
+            return [str(p) for (p,) in conn.execute(select(_FILES.c.path).where(_FILES.c.key == key))]
 
     def change_memory_file(self, path: str, info: tuple[int, int, str | None] | None) -> int:
         """Record one file's new (mtime, size, key), or its removal (None).

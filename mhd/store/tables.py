@@ -32,8 +32,9 @@ from mhd.states.model import ACTIVE_STATES, Outcome, RunState
 #    runs.eval_json / eval_decision (the quality gate's numbers and verdict).
 # 3: runs.preemptions / on_demand / pod_interruptible / prior_billed_s / prior_cost_usd /
 #    checkpoint_step, pods.cost_per_hr / interruptible / preempted (interruptible pods, issue 15).
-# Older databases are upgraded in place at start (added columns only; see ``_migrate``).
-SCHEMA_VERSION = 3
+# 4: tables lineage + forgotten, runs.purged_at / parent_run_id (lineage and forgetting, issue 14).
+# Older databases are upgraded in place at start (added columns and tables only; see ``_migrate``).
+SCHEMA_VERSION = 4
 
 
 def now() -> float:
@@ -106,6 +107,10 @@ class Run(Base):
     # the quality gate: numbers + decision + reason (JSON; no memory text), and the decision alone
     eval_json: Mapped[str | None] = mapped_column(Text)
     eval_decision: Mapped[str | None] = mapped_column(String(16))
+    # lineage: the run whose adapter this one started from (incremental), and when a forgotten
+    # memory made mhd remove this run's files and model (the row and journal stay, as history)
+    parent_run_id: Mapped[str | None] = mapped_column(String(40))
+    purged_at: Mapped[float | None] = mapped_column(Float)
     # interruptible pods: a preempted run moves to a new pod; the budget of preemptions and the
     # on-demand fallback live here so that a restart resets neither. The pods already given up
     # are billed in prior_*, so the run's time and cost sum every pod it rented.
@@ -204,6 +209,36 @@ class PodRecord(Base):
     cost_per_hr: Mapped[float | None] = mapped_column(Float)
     interruptible: Mapped[bool] = mapped_column(Boolean, default=False)
     preempted: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class LineageRow(Base):
+    """Which memory (by key) went into which run, and as what: ``train`` or ``heldout``.
+
+    Written when the run's dataset is built, from the same records that go into its files. A
+    model's memories are its run's ``train`` rows plus those of its parent run (incremental
+    training starts from the parent's adapter). Metadata only: never the memory's text.
+    """
+
+    __tablename__ = "lineage"
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"), primary_key=True)
+    key: Mapped[str] = mapped_column(String(64), primary_key=True, index=True)
+    role: Mapped[str] = mapped_column(String(8))
+    mtype: Mapped[str | None] = mapped_column(String(32))
+    mdate: Mapped[str | None] = mapped_column(String(40))
+
+
+class ForgottenMemory(Base):
+    """A memory its owner took back: file deleted, ``trainingConsent: false``, edited, or `mhd forget`.
+
+    ``purged_at`` is set once no run folder and no model holds it any more. The row stays as
+    the tombstone that keeps it out of every later dataset.
+    """
+
+    __tablename__ = "forgotten"
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    reason: Mapped[str] = mapped_column(String(16))
+    at: Mapped[float] = mapped_column(Float, default=now)
+    purged_at: Mapped[float | None] = mapped_column(Float)
 
 
 class ModelRecord(Base):
