@@ -3,7 +3,8 @@
 
 ``train.py`` runs this after training and before the export, when ``config.json`` says
 ``"evaluate": {"enabled": true, ...}``. Like ``train.py`` it is uploaded beside the run's inputs and
-imports only the standard library at module level (torch, transformers and peft once it starts).
+imports only the standard library and ``jsonfiles.py`` (uploaded with the trainer) at module level
+(torch, transformers and peft once it starts).
 
     in:   eval.jsonl        held-out samples (may be absent or empty)
           probe.jsonl       general-ability probe set (shipped in mhd/quality/)
@@ -32,7 +33,12 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING or __package__:  # imported as mhd.pod.evaluate (tests; mypy reads this branch)
+    from .jsonfiles import write_json_atomic
+else:  # on the pod: train.py imports it by name from its own folder, which is on sys.path
+    from jsonfiles import write_json_atomic
 
 FORMAT = 1
 EVAL_FILE = "eval.json"
@@ -304,7 +310,7 @@ class Evaluation:
         result["generations"] = generations
         result["seconds"] = round(time.monotonic() - t0, 3)
         result["base_model"] = self.base_model
-        _write_json_atomic(self.out, result)
+        write_json_atomic(self.out, result)
         self.progress({"phase": "evaluating", "status": "done", "seconds": result["seconds"],
                        "time": time.time()})
         self.log(f"evaluation done in {result['seconds']:.1f} s: " + "; ".join(
@@ -378,15 +384,6 @@ class Evaluation:
 
 def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
-
-
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as fh:
-        json.dump(data, fh, indent=2)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def read_result(root: Path) -> dict[str, Any] | None:
