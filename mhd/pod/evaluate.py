@@ -17,10 +17,14 @@ every assistant token of a set (token-weighted), for the base model, the new ada
 current one. The daemon promotes the new adapter only when these say it is better: lower on the
 held-out memories, not much higher on the probe set (it must not forget how to answer in general).
 
-One model is loaded: the base, with the new adapter attached by peft (and the current one as a
-second named adapter); ``disable_adapter()`` gives the base numbers. It runs in the fresh process
-that train.py starts after training, with plain transformers + peft even where unsloth trained, so
-that the numbers do not depend on unsloth's patched kernels and no training state is in memory.
+One model serves all three: the base with the new adapter attached by peft (and the current one
+as a second named adapter); ``disable_adapter()`` gives the base numbers. Normally that model is
+the one training just used, still in memory (``Evaluation.run(model)``): loading the base again
+was most of this phase's cost (issue 13: a 30B base takes minutes to load and quantize). A job
+killed before eval.json is written evaluates again on relaunch, without the training's model:
+then ``run()`` loads the base with plain transformers + peft (4-bit where training was), and the
+adapters from their folders. Both ways score the same weights; eval.json's ``in_process`` says
+which one ran (a test compares them on the tiny model).
 """
 
 from __future__ import annotations
@@ -284,7 +288,9 @@ class Evaluation:
     def out(self) -> Path:
         return self.root / EVAL_FILE
 
-    def run(self) -> dict[str, Any]:
+    def run(self, model: Any = None) -> dict[str, Any]:
+        """``model``: the trainer's peft model, its active adapter the one just saved in adapter/
+        (it is left as it was found); None loads the base and the adapters."""
         import torch
         from transformers import AutoTokenizer
         from transformers.utils import logging as hf_logging
@@ -298,17 +304,26 @@ class Evaluation:
         # The tokenizer saved with the adapter is the one training used (template included).
         tokenizer = AutoTokenizer.from_pretrained(str(self.adapter))
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        model, device = load_model(self.base_model, self.adapter, current, self.load_in_4bit)
+        in_process = model is not None
+        if model is None:
+            model, device = load_model(self.base_model, self.adapter, current, self.load_in_4bit)
+        else:
+            device = self._attach(model, current)
         sets = {"heldout": [encode(tokenizer, m, self.max_len) for m in heldout],
                 "probe": [encode(tokenizer, m, self.max_len) for m in probe]}
         models = ["base", "new", *(["current"] if current is not None else [])]
         result: dict[str, Any] = {"format": FORMAT}
-        with torch.no_grad():
-            for name, samples in sets.items():
-                result[name] = self._score_set(model, name, samples, models, pad_id, device)
-            generations = self._generate(model, tokenizer, heldout or probe, device)
+        try:
+            with torch.no_grad():
+                for name, samples in sets.items():
+                    result[name] = self._score_set(model, name, samples, models, pad_id, device)
+                generations = self._generate(model, tokenizer, heldout or probe, device)
+        finally:
+            if in_process:
+                self._detach(model)
         result["generations"] = generations
         result["seconds"] = round(time.monotonic() - t0, 3)
+        result["in_process"] = in_process
         result["base_model"] = self.base_model
         write_json_atomic(self.out, result)
         self.progress({"phase": "evaluating", "status": "done", "seconds": result["seconds"],
@@ -344,11 +359,37 @@ class Evaluation:
                 os.kill(os.getpid(), signal.SIGKILL)
         return entry
 
-    @staticmethod
-    def _select(model: Any, which: str) -> Any:
+    # peft's adapter name for "new" and "current": load_model names them so; the trainer's model
+    # calls its own adapter "default".
+    names = {"new": "new", "current": "current"}
+    _restore: tuple[str, bool, bool] | None = None
+
+    def _attach(self, model: Any, current: Path | None) -> Any:
+        """The trainer's model, made ready to score: the current adapter beside the new one,
+        inference mode. Returns its input device."""
+        if not (hasattr(model, "disable_adapter") and hasattr(model, "load_adapter")):
+            raise EvaluationProblem(f"the trained model ({type(model).__name__}) is not a peft model")
+        active = model.active_adapter
+        self.names = {"new": active, "current": "current"}
+        if current is not None:
+            model.load_adapter(str(current), adapter_name="current", is_trainable=False)
+        self._restore = (active, current is not None, model.training)
+        model.eval()  # no LoRA dropout: the numbers must be those of the saved adapter
+        return next(model.parameters()).device
+
+    def _detach(self, model: Any) -> None:
+        if self._restore is None:
+            return
+        active, loaded, training = self._restore
+        model.set_adapter(active)
+        if loaded:
+            model.delete_adapter("current")
+        model.train(training)
+
+    def _select(self, model: Any, which: str) -> Any:
         if which == "base":
             return model.disable_adapter()
-        model.set_adapter(which)
+        model.set_adapter(self.names[which])
         return nullcontext()
 
     def _generate(self, model: Any, tokenizer: Any, source: list[list[dict[str, str]]],

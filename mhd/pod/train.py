@@ -33,10 +33,13 @@ The run folder is the whole protocol (DESIGN.md, "Training"):
           model.gguf       the merged, quantized model, built by export.py after training
           manifest.json    written last and atomically: its presence means "done"
 
-With the export or the evaluation enabled, the trainer re-executes itself after training, so they
-start in a fresh process (no training model, optimizer or CUDA cache left in memory); the new
-process finds trained.json and goes straight to the evaluation (unless eval.json is there), then
-the export. A failed export does not fail the job: the manifest
+The evaluation runs right after training, in the same process, on the model training leaves in
+memory (reloading a large base for it cost more than the scoring). With the export enabled the
+trainer then re-executes itself, so that the merge starts in a fresh process (no training model,
+optimizer or CUDA cache left in memory). A relaunch (after a kill, a pod restart, or that re-execution)
+finds trained.json and goes straight to the evaluation, loading the base for it, unless eval.json
+is there; then the export. An evaluation that fails on the training's model is tried once more
+that way, after a restart. A failed export does not fail the job: the manifest
 lists the adapter and carries ``"export": {"error": ...}``, so the adapter is still fetched.
 
 Exit codes: 0 done (also: already done), 2 bad config or dataset (one line on stderr),
@@ -88,6 +91,7 @@ if TYPE_CHECKING or __package__:  # imported as mhd.pod.train (tests; mypy reads
         MODEL_GGUF,
         check_evaluation,
         check_export,
+        for_inference,
         load_beside,
         load_evaluator,
         load_exporter,
@@ -144,6 +148,7 @@ else:  # run as a script on the pod: the sibling modules are in this file's fold
         MODEL_GGUF,
         check_evaluation,
         check_export,
+        for_inference,
         load_beside,
         load_evaluator,
         load_exporter,
@@ -169,7 +174,8 @@ __all__ = [
     "CHATML", "DEFAULT_TARGETS", "EXIT_CONFIG", "EXIT_CRASH", "EXIT_OK", "EXIT_OOM", "FAULT_ENV", "MODEL_GGUF",
     "ConfigProblem", "RunDir", "TrainConfig", "_load_plain", "_load_unsloth", "adapter_files", "build_trainer",
     "check_evaluation", "check_export", "compat_kwargs", "copy_base_config", "drop_overlong", "export_adapter",
-    "file_entries", "final_loss", "gpu_stats", "half_dtype", "import_unsloth_first", "is_complete", "is_oom",
+    "file_entries", "final_loss", "for_inference", "gpu_stats", "half_dtype", "import_unsloth_first", "is_complete",
+    "is_oom",
     "load_beside", "load_evaluator", "load_exporter", "load_model", "load_rows", "log", "main", "make_callback",
     "make_collator", "newest_checkpoint", "one_line", "oom_advice", "packed_masks_supported", "parse_args",
     "pick_backend", "prepare_environment", "read_config", "read_trained", "restart_for_export", "run_evaluation",
@@ -204,7 +210,8 @@ def read_config(run: RunDir) -> TrainConfig:
 
 
 def main(argv: list[str] | None = None, *, restart: bool = False) -> int:
-    """``restart``: after training, re-execute this script for the export (the command line does)."""
+    """``restart``: after training, re-execute this script for the export, or to retry a failed
+    evaluation with the base reloaded (the command line does; in-process callers keep one process)."""
     started = time.time()
     cfg: TrainConfig | None = None
     try:
@@ -218,16 +225,26 @@ def main(argv: list[str] | None = None, *, restart: bool = False) -> int:
             log(f"note: ignoring unknown config keys {', '.join(cfg.unknown)}")
         ecfg = check_export(cfg) if cfg.export_enabled else None
         vcfg = check_evaluation(cfg, run) if cfg.evaluate_enabled else None
+        files: list[Path] = []
         info = read_trained(run)
         if info is None:
             load_rows(run.dataset, required=True)  # fail in a second, before minutes of model loading
-            info = train(cfg, run, started)
-            if (ecfg is not None or vcfg is not None) and restart:
-                restart_for_export()
+            info, trainer = train(cfg, run, started)
+            again = False
+            if vcfg is not None:
+                # On the model training just used: a second load of the base would cost more than
+                # the scoring itself. A kill from here on relaunches into the evaluation alone.
+                model = for_inference(trainer.model, info["backend"])
+                ev, files = run_evaluation(cfg, run, vcfg, model, retry=restart)
+                again = "error" in ev and restart  # the fresh process evaluates with the base reloaded
+                if not again:
+                    info["eval"] = ev
+            del trainer
+            if restart and (ecfg is not None or again):
+                restart_for_export("the evaluation" if again else "the export")
         else:
             log(f"the adapter was trained already ({info.get('steps')} steps); not training again")
-        files: list[Path] = []
-        if vcfg is not None:
+        if vcfg is not None and "eval" not in info:
             info["eval"], files = run_evaluation(cfg, run, vcfg)
         known: dict[str, str] = {}
         if ecfg is not None:

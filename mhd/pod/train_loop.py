@@ -168,7 +168,8 @@ def final_loss(state: Any) -> float | None:
     return None
 
 
-def train(cfg: TrainConfig, run: RunDir, started: float) -> dict[str, Any]:
+def train(cfg: TrainConfig, run: RunDir, started: float) -> tuple[dict[str, Any], Any]:
+    """(trained.json's summary, the trainer: its model is still loaded, for the evaluation)."""
     backend = models.pick_backend()
     log(f"backend {backend}; base model {cfg.base_model}")
     trainer, tokenizer = build_trainer(cfg, run, backend)
@@ -184,4 +185,4 @@ def train(cfg: TrainConfig, run: RunDir, started: float) -> dict[str, Any]:
         "versions": models.versions(),
     }
     write_trained(run, info)
-    return info
+    return info, trainer

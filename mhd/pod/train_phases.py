@@ -103,8 +103,14 @@ def check_evaluation(cfg: TrainConfig, run: RunDir) -> Any:
     return vcfg
 
 
-def run_evaluation(cfg: TrainConfig, run: RunDir, vcfg: Any) -> tuple[dict[str, Any], list[Path]]:
+def run_evaluation(cfg: TrainConfig, run: RunDir, vcfg: Any, trained: Any = None,
+                   retry: bool = False) -> tuple[dict[str, Any], list[Path]]:
     """(the manifest's ``eval`` entry, files to list). eval.json from an earlier attempt is reused.
+
+    ``trained``: the trainer's model, still in memory after training; the evaluation scores it
+    instead of loading the base again. None (a relaunch, or the retry) loads it. ``retry`` says the
+    caller evaluates again in a fresh process when this fails.
+
     A failure is recorded as ``{"error": ...}`` (no eval.json), never raised: the adapter is still
     shipped, and without numbers the daemon does not promote it."""
     evaluate = load_evaluator()
@@ -120,7 +126,7 @@ def run_evaluation(cfg: TrainConfig, run: RunDir, vcfg: Any) -> tuple[dict[str, 
     job = evaluate.Evaluation(run.root, run.adapter, cfg.base_model, vcfg, cfg.max_seq_length,
                               cfg.load_in_4bit, progress)
     try:
-        return job.run(), [job.out]
+        return job.run(trained), [job.out]
     except Exception as exc:
         if is_oom(exc):
             error = "out of memory while evaluating: " + one_line(exc)
@@ -129,14 +135,28 @@ def run_evaluation(cfg: TrainConfig, run: RunDir, vcfg: Any) -> tuple[dict[str, 
 
             traceback.print_exc()
             error = f"{type(exc).__name__}: {one_line(exc)}"
-    progress({"phase": "evaluating", "status": "failed", "error": error, "time": time.time()})
-    log(f"evaluation failed, shipping the adapter without numbers: {error}")
+    again = trained is not None and retry
+    progress({"phase": "evaluating", "status": "failed", "error": error, "retry": again, "time": time.time()})
+    if again:
+        log(f"evaluation on the training's model failed ({error}); evaluating again with the base reloaded")
+    else:
+        log(f"evaluation failed, shipping the adapter without numbers: {error}")
     return {"error": error}, []
 
 
-def restart_for_export() -> None:
-    """Replace this process with a fresh run of the same command (see the module docstring)."""
-    log("training done; restarting for the evaluation / export with fresh memory")
+def for_inference(model: Any, backend: str) -> Any:
+    """The trainer's model switched to inference, the way its backend wants it."""
+    if backend == "unsloth":
+        # unsloth's documented switch: its inference kernels (and generate) instead of training's.
+        from unsloth import FastLanguageModel
+
+        FastLanguageModel.for_inference(model)
+    return model
+
+
+def restart_for_export(why: str = "the export") -> None:
+    """Replace this process with a fresh run of the same command (see train.py's docstring)."""
+    log(f"training done; restarting for {why} with fresh memory")
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])

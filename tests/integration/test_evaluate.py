@@ -144,6 +144,40 @@ def test_current_adapter_is_scored_as_its_own_adapter(tmp_path: Path, evaluated:
         assert abs(zero[s]["current"] - zero[s]["new"]) > 1e-3
 
 
+def test_numbers_on_the_training_model_match_a_fresh_reload(tmp_path: Path, tiny_model_dir: Path,  # noqa: F811
+                                                             memories: Path, evaluated: Run) -> None:
+    # Another adapter (seed, learning rate), with the fixture's adapter as the current one: the
+    # evaluation runs in the training process, "current" loaded beside the trained adapter.
+    run = prepare_eval(tmp_path / "run", tiny_model_dir, memories, seed=7, learning_rate=2e-3)
+    shutil.copytree(evaluated.dir / "adapter", run.dir / "current_adapter")
+    cfg = json.loads((run.dir / "config.json").read_text())
+    cfg["evaluate"]["current_adapter"] = "current_adapter"
+    (run.dir / "config.json").write_text(json.dumps(cfg))
+    finish(run)
+    assert run.rc == 0, run.log()
+    live = result(run)
+    # The same run evaluated from scratch, as a relaunch after a kill does: base and adapters loaded
+    # from their files in a fresh process.
+    again = Run(tmp_path / "again")
+    shutil.copytree(run.dir, again.dir)
+    for f in ("eval.json", "manifest.json"):
+        (again.dir / f).unlink()
+    finish(again)
+    assert again.rc == 0, again.log()
+    reloaded = result(again)
+
+    assert live["in_process"] is True and reloaded["in_process"] is False and trainings(again) == 1
+    for s in ("heldout", "probe"):
+        assert live[s]["count"] == reloaded[s]["count"] and live[s]["tokens"] == reloaded[s]["tokens"]
+        for m in ("base", "new", "current"):
+            assert live[s][m] == pytest.approx(reloaded[s][m], rel=1e-5), (s, m)
+        # Three different models, or the comparison above would not show a missing disable_adapter()
+        # or a "current" that is really the new adapter.
+        assert abs(live[s]["new"] - live[s]["base"]) > 1e-3 and abs(live[s]["current"] - live[s]["new"]) > 1e-3
+        assert live[s]["current"] == pytest.approx(result(evaluated)[s]["new"], rel=1e-5)
+    assert live["generations"] == reloaded["generations"]
+
+
 def test_only_assistant_tokens_are_scored(tiny_model_dir: Path) -> None:  # noqa: F811
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
