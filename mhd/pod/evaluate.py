@@ -52,6 +52,9 @@ PROBE_FILE = "probe.jsonl"
 # "kill@evaluating" SIGKILLs this process mid-evaluation (after the first set is scored).
 FAULT_ENV = "MHD_TRAIN_FAULT"
 FAULT_KILL = "kill@evaluating"
+# "fail@evaluating-in-process": the evaluation on the training's model raises, as a backend whose
+# trained model cannot be scored would; the trainer must then evaluate again with the base reloaded.
+FAULT_FAIL_IN_PROCESS = "fail@evaluating-in-process"
 # Tokens per forward pass (batch size x padded length). Bounds the logits tensor, which for a
 # 150k-token vocabulary dominates memory: 4096 x 151936 x 2 bytes = 1.2 GB in bf16.
 DEFAULT_BATCH_TOKENS = 4096
@@ -369,6 +372,8 @@ class Evaluation:
         inference mode. Returns its input device."""
         if not (hasattr(model, "disable_adapter") and hasattr(model, "load_adapter")):
             raise EvaluationProblem(f"the trained model ({type(model).__name__}) is not a peft model")
+        if os.environ.get(FAULT_ENV, "") == FAULT_FAIL_IN_PROCESS:
+            raise EvaluationProblem(f"{FAULT_ENV}={FAULT_FAIL_IN_PROCESS}")
         active = model.active_adapter
         self.names = {"new": active, "current": "current"}
         if current is not None:

@@ -112,6 +112,19 @@ def test_kill_during_evaluation_relaunch_evaluates_without_training(tmp_path: Pa
     assert result(run)["heldout"]["new"] is not None and run.manifest()["eval"] == result(run)
 
 
+def test_a_failed_evaluation_on_the_training_model_is_redone_with_the_base_reloaded(
+        tmp_path: Path, tiny_model_dir: Path, memories: Path) -> None:  # noqa: F811
+    run = finish(prepare_eval(tmp_path / "run", tiny_model_dir, memories),
+                 MHD_TRAIN_FAULT="fail@evaluating-in-process")
+    assert run.rc == 0, run.log()
+    assert "evaluating again with the base reloaded" in run.log() and "restarting for the evaluation" in run.log()
+    ev = result(run)
+    assert ev["in_process"] is False and ev["heldout"]["new"] < ev["heldout"]["base"]
+    assert run.manifest()["eval"] == ev and trainings(run) == 1
+    failed = [p for p in run.progress() if p["phase"] == "evaluating" and p.get("status") == "failed"]
+    assert len(failed) == 1 and failed[0]["retry"] is True
+
+
 def test_current_adapter_is_scored_as_its_own_adapter(tmp_path: Path, evaluated: Run) -> None:
     # The finished run again with its eval cleared: only the evaluation runs (trained.json is
     # there). "current" is (1) a copy of the new adapter, then (2) an all-zero one (= the base).
