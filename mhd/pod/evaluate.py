@@ -307,13 +307,13 @@ class Evaluation:
         # The tokenizer saved with the adapter is the one training used (template included).
         tokenizer = AutoTokenizer.from_pretrained(str(self.adapter))
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        sets = {"heldout": [encode(tokenizer, m, self.max_len) for m in heldout],
+                "probe": [encode(tokenizer, m, self.max_len) for m in probe]}
         in_process = model is not None
         if model is None:
             model, device = load_model(self.base_model, self.adapter, current, self.load_in_4bit)
         else:
             device = self._attach(model, current)
-        sets = {"heldout": [encode(tokenizer, m, self.max_len) for m in heldout],
-                "probe": [encode(tokenizer, m, self.max_len) for m in probe]}
         models = ["base", "new", *(["current"] if current is not None else [])]
         result: dict[str, Any] = {"format": FORMAT}
         try:
