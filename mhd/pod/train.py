@@ -234,8 +234,7 @@ def main(argv: list[str] | None = None, *, restart: bool = False) -> int:
             if vcfg is not None:
                 # On the model training just used: a second load of the base would cost more than
                 # the scoring itself. A kill from here on relaunches into the evaluation alone.
-                model = for_inference(trainer.model, info["backend"])
-                ev, files = run_evaluation(cfg, run, vcfg, model, retry=restart)
+                ev, files = run_evaluation(cfg, run, vcfg, trainer.model, info["backend"], retry=restart)
                 again = "error" in ev and restart  # the fresh process evaluates with the base reloaded
                 if not again:
                     info["eval"] = ev

@@ -103,12 +103,12 @@ def check_evaluation(cfg: TrainConfig, run: RunDir) -> Any:
     return vcfg
 
 
-def run_evaluation(cfg: TrainConfig, run: RunDir, vcfg: Any, trained: Any = None,
+def run_evaluation(cfg: TrainConfig, run: RunDir, vcfg: Any, trained: Any = None, backend: str = "cpu",
                    retry: bool = False) -> tuple[dict[str, Any], list[Path]]:
     """(the manifest's ``eval`` entry, files to list). eval.json from an earlier attempt is reused.
 
-    ``trained``: the trainer's model, still in memory after training; the evaluation scores it
-    instead of loading the base again. None (a relaunch, or the retry) loads it. ``retry`` says the
+    ``trained``: the trainer's model, still in memory after training (``backend`` trained it); the
+    evaluation scores it instead of loading the base again. None (a relaunch, or the retry) loads it. ``retry`` says the
     caller evaluates again in a fresh process when this fails.
 
     A failure is recorded as ``{"error": ...}`` (no eval.json), never raised: the adapter is still
@@ -126,7 +126,7 @@ def run_evaluation(cfg: TrainConfig, run: RunDir, vcfg: Any, trained: Any = None
     job = evaluate.Evaluation(run.root, run.adapter, cfg.base_model, vcfg, cfg.max_seq_length,
                               cfg.load_in_4bit, progress)
     try:
-        return job.run(trained), [job.out]
+        return job.run(None if trained is None else for_inference(trained, backend)), [job.out]
     except Exception as exc:
         if is_oom(exc):
             error = "out of memory while evaluating: " + one_line(exc)
