@@ -1,8 +1,8 @@
 """Shared by the trainer benchmarks: the pod's trainer loaded as the pod runs it, and the tiny model.
 
-mhd/pod/train.py is a standalone script (it imports nothing from mhd), so it is loaded from its
-file path: the benchmarks measure the trainer's own code (backend choice, model loading, collator),
-not a copy of it.
+mhd/pod/train.py is a standalone script (it imports nothing from mhd, only its sibling modules in
+mhd/pod/), so it is loaded from its file path, as the pod runs it: the benchmarks measure the
+trainer's own code (backend choice, model loading, collator), not a copy of it.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 
 ``train.py`` runs this after training and before the export, when ``config.json`` says
 ``"evaluate": {"enabled": true, ...}``. Like ``train.py`` it is uploaded beside the run's inputs and
-imports only the standard library at module level (torch, transformers and peft once it starts).
+imports only the standard library and ``jsonfiles.py`` (uploaded with the trainer) at module level
+(torch, transformers and peft once it starts).
 
     in:   eval.jsonl        held-out samples (may be absent or empty)
           probe.jsonl       general-ability probe set (shipped in mhd/quality/)
@@ -16,10 +17,14 @@ every assistant token of a set (token-weighted), for the base model, the new ada
 current one. The daemon promotes the new adapter only when these say it is better: lower on the
 held-out memories, not much higher on the probe set (it must not forget how to answer in general).
 
-One model is loaded: the base, with the new adapter attached by peft (and the current one as a
-second named adapter); ``disable_adapter()`` gives the base numbers. It runs in the fresh process
-that train.py starts after training, with plain transformers + peft even where unsloth trained, so
-that the numbers do not depend on unsloth's patched kernels and no training state is in memory.
+One model serves all three: the base with the new adapter attached by peft (and the current one
+as a second named adapter); ``disable_adapter()`` gives the base numbers. Normally that model is
+the one training just used, still in memory (``Evaluation.run(model)``): loading the base again
+was most of this phase's cost (issue 13: a 30B base takes minutes to load and quantize). A job
+killed before eval.json is written evaluates again on relaunch, without the training's model:
+then ``run()`` loads the base with plain transformers + peft (4-bit where training was), and the
+adapters from their folders. Both ways score the same weights; eval.json's ``in_process`` says
+which one ran (a test compares them on the tiny model).
 """
 
 from __future__ import annotations
@@ -32,7 +37,12 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING or __package__:  # imported as mhd.pod.evaluate (tests; mypy reads this branch)
+    from .jsonfiles import write_json_atomic
+else:  # on the pod: train.py imports it by name from its own folder, which is on sys.path
+    from jsonfiles import write_json_atomic
 
 FORMAT = 1
 EVAL_FILE = "eval.json"
@@ -42,6 +52,9 @@ PROBE_FILE = "probe.jsonl"
 # "kill@evaluating" SIGKILLs this process mid-evaluation (after the first set is scored).
 FAULT_ENV = "MHD_TRAIN_FAULT"
 FAULT_KILL = "kill@evaluating"
+# "fail@evaluating-in-process": the evaluation on the training's model raises, as a backend whose
+# trained model cannot be scored would; the trainer must then evaluate again with the base reloaded.
+FAULT_FAIL_IN_PROCESS = "fail@evaluating-in-process"
 # Tokens per forward pass (batch size x padded length). Bounds the logits tensor, which for a
 # 150k-token vocabulary dominates memory: 4096 x 151936 x 2 bytes = 1.2 GB in bf16.
 DEFAULT_BATCH_TOKENS = 4096
@@ -278,7 +291,9 @@ class Evaluation:
     def out(self) -> Path:
         return self.root / EVAL_FILE
 
-    def run(self) -> dict[str, Any]:
+    def run(self, model: Any = None) -> dict[str, Any]:
+        """``model``: the trainer's peft model, its active adapter the one just saved in adapter/
+        (it is left as it was found); None loads the base and the adapters."""
         import torch
         from transformers import AutoTokenizer
         from transformers.utils import logging as hf_logging
@@ -292,19 +307,28 @@ class Evaluation:
         # The tokenizer saved with the adapter is the one training used (template included).
         tokenizer = AutoTokenizer.from_pretrained(str(self.adapter))
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        model, device = load_model(self.base_model, self.adapter, current, self.load_in_4bit)
         sets = {"heldout": [encode(tokenizer, m, self.max_len) for m in heldout],
                 "probe": [encode(tokenizer, m, self.max_len) for m in probe]}
+        in_process = model is not None
+        if model is None:
+            model, device = load_model(self.base_model, self.adapter, current, self.load_in_4bit)
+        else:
+            device = self._attach(model, current)
         models = ["base", "new", *(["current"] if current is not None else [])]
         result: dict[str, Any] = {"format": FORMAT}
-        with torch.no_grad():
-            for name, samples in sets.items():
-                result[name] = self._score_set(model, name, samples, models, pad_id, device)
-            generations = self._generate(model, tokenizer, heldout or probe, device)
+        try:
+            with torch.no_grad():
+                for name, samples in sets.items():
+                    result[name] = self._score_set(model, name, samples, models, pad_id, device)
+                generations = self._generate(model, tokenizer, heldout or probe, device)
+        finally:
+            if in_process:
+                self._detach(model)
         result["generations"] = generations
         result["seconds"] = round(time.monotonic() - t0, 3)
+        result["in_process"] = in_process
         result["base_model"] = self.base_model
-        _write_json_atomic(self.out, result)
+        write_json_atomic(self.out, result)
         self.progress({"phase": "evaluating", "status": "done", "seconds": result["seconds"],
                        "time": time.time()})
         self.log(f"evaluation done in {result['seconds']:.1f} s: " + "; ".join(
@@ -338,11 +362,39 @@ class Evaluation:
                 os.kill(os.getpid(), signal.SIGKILL)
         return entry
 
-    @staticmethod
-    def _select(model: Any, which: str) -> Any:
+    # peft's adapter name for "new" and "current": load_model names them so; the trainer's model
+    # calls its own adapter "default".
+    names = {"new": "new", "current": "current"}
+    _restore: tuple[str, bool, bool] | None = None
+
+    def _attach(self, model: Any, current: Path | None) -> Any:
+        """The trainer's model, made ready to score: the current adapter beside the new one,
+        inference mode. Returns its input device."""
+        if not (hasattr(model, "disable_adapter") and hasattr(model, "load_adapter")):
+            raise EvaluationProblem(f"the trained model ({type(model).__name__}) is not a peft model")
+        if os.environ.get(FAULT_ENV, "") == FAULT_FAIL_IN_PROCESS:
+            raise EvaluationProblem(f"{FAULT_ENV}={FAULT_FAIL_IN_PROCESS}")
+        active = model.active_adapter
+        self.names = {"new": active, "current": "current"}
+        if current is not None:
+            model.load_adapter(str(current), adapter_name="current", is_trainable=False)
+        self._restore = (active, current is not None, model.training)
+        model.eval()  # no LoRA dropout: the numbers must be those of the saved adapter
+        return next(model.parameters()).device
+
+    def _detach(self, model: Any) -> None:
+        if self._restore is None:
+            return
+        active, loaded, training = self._restore
+        model.set_adapter(active)
+        if loaded:
+            model.delete_adapter("current")
+        model.train(training)
+
+    def _select(self, model: Any, which: str) -> Any:
         if which == "base":
             return model.disable_adapter()
-        model.set_adapter(which)
+        model.set_adapter(self.names[which])
         return nullcontext()
 
     def _generate(self, model: Any, tokenizer: Any, source: list[list[dict[str, str]]],
@@ -378,15 +430,6 @@ class Evaluation:
 
 def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
-
-
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as fh:
-        json.dump(data, fh, indent=2)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def read_result(root: Path) -> dict[str, Any] | None:

@@ -30,6 +30,9 @@ from mhd.states.machine import RunMachine
 from mhd.store import Run, now
 
 TRAINER = "train.py"
+# train.py's sibling modules: it imports them by name from its own folder on the pod.
+TRAINER_MODULES = ("jsonfiles.py", "train_config.py", "train_data.py", "train_loop.py", "train_models.py",
+                   "train_phases.py", "train_progress.py", "train_rundir.py")
 EXPORTER = "export.py"  # imported by train.py when config.json asks for an export
 EVALUATOR = "evaluate.py"  # imported by train.py for the quality gate's Evaluating phase
 PROBE = Path(__file__).resolve().parent.parent / "quality" / "probe.jsonl"
@@ -140,6 +143,8 @@ def _finish_inputs(ctx: RunContext, run: Run, export: dict[str, Any] | None) -> 
     (staging / "config.json").write_text(json.dumps(config, indent=2))
     script = ctx.cfg.training.script or POD_FILES_DIR / TRAINER
     shutil.copyfile(script, staging / TRAINER)
+    for name in TRAINER_MODULES:  # also beside a custom training.script, which may import them
+        shutil.copyfile(POD_FILES_DIR / name, staging / name)
     shutil.copyfile(POD_FILES_DIR / EXPORTER, staging / EXPORTER)
     shutil.copyfile(POD_FILES_DIR / LAUNCHER, staging / LAUNCHER)
     for name in (BOOTSTRAP, LOCK):  # run.sh installs the lock's packages first where they are missing

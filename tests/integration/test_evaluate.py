@@ -112,6 +112,19 @@ def test_kill_during_evaluation_relaunch_evaluates_without_training(tmp_path: Pa
     assert result(run)["heldout"]["new"] is not None and run.manifest()["eval"] == result(run)
 
 
+def test_a_failed_evaluation_on_the_training_model_is_redone_with_the_base_reloaded(
+        tmp_path: Path, tiny_model_dir: Path, memories: Path) -> None:  # noqa: F811
+    run = finish(prepare_eval(tmp_path / "run", tiny_model_dir, memories),
+                 MHD_TRAIN_FAULT="fail@evaluating-in-process")
+    assert run.rc == 0, run.log()
+    assert "evaluating again with the base reloaded" in run.log() and "restarting for the evaluation" in run.log()
+    ev = result(run)
+    assert ev["in_process"] is False and ev["heldout"]["new"] < ev["heldout"]["base"]
+    assert run.manifest()["eval"] == ev and trainings(run) == 1
+    failed = [p for p in run.progress() if p["phase"] == "evaluating" and p.get("status") == "failed"]
+    assert len(failed) == 1 and failed[0]["retry"] is True
+
+
 def test_current_adapter_is_scored_as_its_own_adapter(tmp_path: Path, evaluated: Run) -> None:
     # The finished run again with its eval cleared: only the evaluation runs (trained.json is
     # there). "current" is (1) a copy of the new adapter, then (2) an all-zero one (= the base).
@@ -142,6 +155,40 @@ def test_current_adapter_is_scored_as_its_own_adapter(tmp_path: Path, evaluated:
     for s in ("heldout", "probe"):
         assert zero[s]["current"] == pytest.approx(zero[s]["base"], abs=1e-5)
         assert abs(zero[s]["current"] - zero[s]["new"]) > 1e-3
+
+
+def test_numbers_on_the_training_model_match_a_fresh_reload(tmp_path: Path, tiny_model_dir: Path,  # noqa: F811
+                                                             memories: Path, evaluated: Run) -> None:
+    # Another adapter (seed, learning rate), with the fixture's adapter as the current one: the
+    # evaluation runs in the training process, "current" loaded beside the trained adapter.
+    run = prepare_eval(tmp_path / "run", tiny_model_dir, memories, seed=7, learning_rate=2e-3)
+    shutil.copytree(evaluated.dir / "adapter", run.dir / "current_adapter")
+    cfg = json.loads((run.dir / "config.json").read_text())
+    cfg["evaluate"]["current_adapter"] = "current_adapter"
+    (run.dir / "config.json").write_text(json.dumps(cfg))
+    finish(run)
+    assert run.rc == 0, run.log()
+    live = result(run)
+    # The same run evaluated from scratch, as a relaunch after a kill does: base and adapters loaded
+    # from their files in a fresh process.
+    again = Run(tmp_path / "again")
+    shutil.copytree(run.dir, again.dir)
+    for f in ("eval.json", "manifest.json"):
+        (again.dir / f).unlink()
+    finish(again)
+    assert again.rc == 0, again.log()
+    reloaded = result(again)
+
+    assert live["in_process"] is True and reloaded["in_process"] is False and trainings(again) == 1
+    for s in ("heldout", "probe"):
+        assert live[s]["count"] == reloaded[s]["count"] and live[s]["tokens"] == reloaded[s]["tokens"]
+        for m in ("base", "new", "current"):
+            assert live[s][m] == pytest.approx(reloaded[s][m], rel=1e-5), (s, m)
+        # Three different models, or the comparison above would not show a missing disable_adapter()
+        # or a "current" that is really the new adapter.
+        assert abs(live[s]["new"] - live[s]["base"]) > 1e-3 and abs(live[s]["current"] - live[s]["new"]) > 1e-3
+        assert live[s]["current"] == pytest.approx(result(evaluated)[s]["new"], rel=1e-5)
+    assert live["generations"] == reloaded["generations"]
 
 
 def test_only_assistant_tokens_are_scored(tiny_model_dir: Path) -> None:  # noqa: F811

@@ -157,10 +157,11 @@ def test_unknown_quantization_is_a_config_error_before_anything_is_rented(tmp_pa
 
 
 def lone_trainer(tmp_path: Path, export: dict[str, Any] | None, with_exporter: bool = True) -> Path:
-    """The pod's run folder: train.py (+ export.py), config.json, a dataset."""
+    """The pod's run folder: the trainer's files (+ export.py), config.json, a dataset."""
     d = tmp_path / "run"
     d.mkdir()
-    shutil.copy(POD / "train.py", d / "train.py")
+    for name in (provisioning.TRAINER, *provisioning.TRAINER_MODULES):
+        shutil.copy(POD / name, d / name)
     if with_exporter:
         shutil.copy(POD / "export.py", d / "export.py")
     row = {"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]}

@@ -15,9 +15,11 @@ from typing import Any
 import pytest
 
 from mhd.pod import train as T
+from mhd.states.provisioning import EVALUATOR, EXPORTER, TRAINER_MODULES
 
 REPO = Path(__file__).resolve().parents[2]
-TRAINER = REPO / "mhd" / "pod" / "train.py"
+POD = REPO / "mhd" / "pod"
+TRAINER = POD / "train.py"
 GOOD_ROW = {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
                          {"role": "assistant", "content": "a"}]}
 
@@ -33,18 +35,34 @@ def run_dir(tmp_path: Path, config: Any = None, rows: list[Any] | None = None) -
 
 
 def standalone(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
-    """Run train.py as the pod does: a lone file, with no mhd package importable (-I)."""
-    lone = cwd / "train.py"
-    lone.write_bytes(TRAINER.read_bytes())
-    return subprocess.run([sys.executable, "-I", str(lone), *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=60, env={"PATH": os.environ.get("PATH", ""), **env})
+    """Run train.py as the pod does: the files Provisioning uploads, in a folder of their own (not
+    the script's working directory), with no mhd package importable (-I)."""
+    upload = cwd / "upload"
+    upload.mkdir(exist_ok=True)
+    for name in ("train.py", *TRAINER_MODULES):
+        (upload / name).write_bytes((POD / name).read_bytes())
+    return subprocess.run([sys.executable, "-I", str(upload / "train.py"), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=60, env={"PATH": os.environ.get("PATH", ""), **env})
 
 
-def test_trainer_imports_nothing_from_mhd() -> None:
-    tree = ast.parse(TRAINER.read_text())
-    names = {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
-    names |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    assert not {n for n in names if n == "mhd" or n.startswith("mhd.")}
+def imported(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names = {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and not n.level}
+    names |= {f"{n.module or ''}.{a.name}".lstrip(".") for n in ast.walk(tree)
+              if isinstance(n, ast.ImportFrom) and n.level for a in n.names}
+    return names | {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+
+
+def test_trainer_imports_nothing_from_mhd_and_every_sibling_it_imports_is_uploaded() -> None:
+    uploaded = {"train.py", *TRAINER_MODULES, EVALUATOR, EXPORTER}
+    siblings = {p.name for p in POD.glob("*.py")} - {"__init__.py"}
+    for name in uploaded:
+        names = imported(POD / name)
+        assert not {n for n in names if n == "mhd" or n.startswith("mhd.")}, name
+        # A module missing from the upload would fail on the pod only: `import train_x` or
+        # `from .train_x import ...` of a file in mhd/pod must name an uploaded one.
+        wanted = {f"{n.split('.')[0]}.py" for n in names} & siblings
+        assert wanted <= uploaded, (name, wanted - uploaded)
 
 
 def test_image_train_py_is_the_packaged_trainer() -> None:

@@ -105,19 +105,20 @@ def test_signature_reader_ignores_star_kwargs() -> None:
 GPU_ONLY = ("torch", "torchvision", "torchao", "triton", "xformers", "bitsandbytes", "unsloth", "unsloth-zoo",
             "cut-cross-entropy", "diffusers")
 DRIVER = """\
-import importlib.metadata as md, json, sys
+import importlib.metadata as md, json, pathlib, sys
 sys.path.insert(0, sys.argv[1])
 import train as T
+import train_models as M  # where the loaders live and are looked up (train.py only re-exports them)
 want = json.loads(sys.argv[3])
 got = {n: md.version(n) for n in want}
 assert got == want, f"not the lock's versions: {got} != {want}"
 # Exactly the GPU path's arguments (backend "unsloth"), less what a CPU cannot do: no half
 # precision (bf16/fp16 off) and unsloth's 4-bit loader replaced by the plain fp32 one.
-T.pick_backend = lambda: "unsloth"
-T.half_dtype = lambda: None
-T._load_unsloth = lambda cfg: T._load_plain(cfg, "cpu")
-T.import_unsloth_first = lambda: None  # unsloth needs a GPU to import; its signatures are checked elsewhere
-run = T.RunDir(T.Path(sys.argv[2]))
+M.pick_backend = lambda: "unsloth"
+M.half_dtype = lambda: None
+M._load_unsloth = lambda cfg: M._load_plain(cfg, "cpu")
+M.import_unsloth_first = lambda: None  # unsloth needs a GPU to import; its signatures are checked elsewhere
+run = T.RunDir(pathlib.Path(sys.argv[2]))
 T.prepare_environment()
 trainer, _ = T.build_trainer(T.read_config(run), run, "unsloth")  # SFTConfig + SFTTrainer: where drift shows
 a = trainer.args
