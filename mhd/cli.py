@@ -1,4 +1,4 @@
-"""`mhd daemon|status|train|cancel|runs|logs|merge|rollback|dataset|doctor`.
+"""`mhd daemon|status|train|cancel|runs|logs|merge|promote|eval|rollback|dataset|doctor|lineage|memory|forget`.
 
 Exit codes: 0 ok, 1 a command failed, 2 bad config or usage, 3 the daemon is not running.
 """
@@ -291,6 +291,26 @@ def doctor(ctx: click.Context) -> None:
 
     sys.exit(run_checks(obj.get("config_path")))
 
+
+def _late_config(ctx: click.Context, _param: click.Parameter, value: Path | None) -> None:
+    if value is not None:  # after the subcommand wins over before it (the last one typed)
+        ctx.ensure_object(dict)["config_path"] = value
+        ctx.obj.pop("cfg", None)
+
+
+def _accept_global_options_anywhere() -> None:
+    """`mhd status --config X` as well as `mhd --config X status`: people type both."""
+    for cmd in main.commands.values():
+        cmd.params.append(click.Option(["--config"], type=click.Path(path_type=Path), expose_value=False,
+                                       is_eager=True, callback=_late_config,
+                                       help="Config file (as before the command)."))
+
+
+from mhd.cli_memory import forget, lineage, memory  # noqa: E402  (they use the helpers above)
+
+for _cmd in (lineage, memory, forget):
+    main.add_command(_cmd)
+_accept_global_options_anywhere()
 
 if __name__ == "__main__":
     main()

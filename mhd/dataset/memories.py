@@ -386,3 +386,16 @@ def memory_key(mtype: str, content: str, response: str | None) -> str:
     ident = json.dumps([mtype, normalize_space(content), normalize_space(response or "")], ensure_ascii=False)
     # surrogatepass: JSON may carry lone surrogates ("\ud800"), which strict UTF-8 refuses.
     return hashlib.sha256(ident.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def content_key_of(path: Path, max_bytes: int = 1_000_000) -> str | None:
+    """The key of the memory in this file whatever its consent or filters say (`mhd memory`,
+    `mhd forget`: a memory excluded today may be inside a model made before). None if unreadable."""
+    try:
+        with open(path, "rb") as fh:
+            obj = _decode(fh.read(max_bytes + 1)[:max_bytes])
+        if not isinstance(obj, dict) or not isinstance(obj.get("content"), str) or not obj["content"].strip():
+            return None
+        return memory_key(_opt_str(obj, "type") or DEFAULT_TYPE, obj["content"], _opt_str(obj, "response"))
+    except Exception:  # any file: the caller says it cannot tell
+        return None
