@@ -10,41 +10,13 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import click
 
-from mhd.config import Config, load_config
+from mhd.cli_common import EXIT_CONFIG, EXIT_FAIL, _ask, _cfg, _die, _store
+from mhd.config import Config
 from mhd.errors import ConfigError, MhdError
-
-EXIT_FAIL, EXIT_CONFIG, EXIT_NO_DAEMON = 1, 2, 3
-
-
-def _die(msg: str, code: int) -> NoReturn:
-    click.echo(f"mhd: {msg}", err=True)
-    sys.exit(code)
-
-
-def _cfg(ctx: click.Context) -> Config:
-    obj = ctx.ensure_object(dict)
-    if "cfg" not in obj:
-        try:
-            obj["cfg"] = load_config(obj.get("config_path"))
-        except ConfigError as exc:
-            _die(str(exc), EXIT_CONFIG)
-    cfg: Config = obj["cfg"]
-    return cfg
-
-
-def _ask(cfg: Config, cmd: str, **args: Any) -> dict[str, Any]:
-    from mhd.daemon.client import DaemonNotRunning, request
-
-    try:
-        return request(cfg.socket_path, cmd, **args)
-    except DaemonNotRunning as exc:
-        _die(str(exc), EXIT_NO_DAEMON)
-    except OSError as exc:
-        _die(f"cannot talk to the daemon at {cfg.socket_path}: {exc}", EXIT_NO_DAEMON)
 
 
 @click.group()
@@ -119,15 +91,6 @@ def cancel(ctx: click.Context) -> None:
     if not resp.get("ok"):
         _die(resp.get("error", "nothing cancelled"), EXIT_FAIL)
     click.echo(f"run {resp['run_id']}: cancelling (pod will be terminated)")
-
-
-def _store(cfg: Config) -> Any:
-    from mhd.store import Store, StoreError
-
-    try:
-        return Store(cfg.db_path_url)
-    except StoreError as exc:
-        _die(str(exc), EXIT_FAIL)
 
 
 @main.command()

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from mhd.cli import EXIT_CONFIG, EXIT_FAIL, _cfg, _die, _store
+from mhd.cli_common import EXIT_CONFIG, EXIT_FAIL, _cfg, _die, _store
 from mhd.config import Config
 
 

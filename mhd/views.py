@@ -50,6 +50,7 @@ def run_dict(run: Run, at: float | None = None) -> dict[str, Any]:
         "eval": eval_view(run),
         "merge_attempts": run.merge_attempts,
         "merge_retry_at": run.merge_retry_at,
+        "purged_at": run.purged_at,
         "preemptions": run.preemptions or 0,
         "on_demand": bool(run.on_demand),
         "pod_interruptible": bool(run.pod_interruptible),

@@ -56,7 +56,7 @@ def test_a_version_2_database_gains_the_preemption_columns_and_bills_every_pod(t
             con.execute(f"ALTER TABLE pods DROP COLUMN {col}")
         con.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
     new = Store(f"sqlite:///{path}")
-    assert new.schema_version() == SCHEMA_VERSION == 3
+    assert new.schema_version() == SCHEMA_VERSION == 4
     got = new.get_run(run.id)
     assert got is not None and got.preemptions == 0 and not got.on_demand and got.checkpoint_step is None
     assert got.billed_s() == pytest.approx(720.0) and got.cost_usd() == pytest.approx(0.1)
@@ -67,6 +67,25 @@ def test_a_version_2_database_gains_the_preemption_columns_and_bills_every_pod(t
                          pod_started_at=2000.0, pod_stopped_at=3440.0, preemptions=1)
     assert got.billed_s() == pytest.approx(2160.0) and got.cost_usd() == pytest.approx(0.2)
     assert got.pod_billed_s() == pytest.approx(1440.0)
+
+
+def test_a_version_3_database_gains_lineage_and_forgetting(tmp_path: Path):
+    path = tmp_path / "v3.db"
+    old = Store(f"sqlite:///{path}")
+    run = old.create_run("manual", "local")
+    old.close()
+    with sqlite3.connect(path) as con:
+        con.execute("DROP TABLE lineage")
+        con.execute("DROP TABLE forgotten")
+        for col in ("purged_at", "parent_run_id"):
+            con.execute(f"ALTER TABLE runs DROP COLUMN {col}")
+        con.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
+    new = Store(f"sqlite:///{path}")
+    assert new.schema_version() == 4
+    assert new.record_lineage(run.id, [("k1", "train", "observation", None), ("k2", "heldout", None, None)]) == 2
+    assert new.model_keys(run.id) == {"k1"}  # held out: never inside the model
+    assert new.forget({"k1": "deleted"}) == ["k1"] and new.forget({"k1": "owner"}) == []
+    assert new.forgotten_in(run.id) == {"k1"} and new.get_run(run.id).purged_at is None
 
 
 def test_newer_schema_is_refused_with_advice(tmp_path: Path, store: Store):
