@@ -129,6 +129,15 @@ class TrainingConfig(_Section):
     bootstrap: Literal["auto", "always", "never"] = "auto"
     # Extra keys merged into config.json (forward-compatible knobs of the trainer).
     extra: dict[str, Any] = {}
+    # "incremental": start from the promoted adapter and train on the memories no promoted model
+    # has seen plus a replay sample of older ones; a full run still comes when there is no adapter
+    # on this base and LoRA shape, when the served model holds a forgotten memory, and every
+    # `full_every` runs (mhd/dataset/incremental.py). "full" trains from the base on all memories.
+    mode: Literal["full", "incremental"] = "full"
+    # Replayed (already learned) memories per new one, against forgetting: 0.3 → 3 per 10 new.
+    replay_fraction: float = Field(0.3, ge=0, le=10)
+    # Every Nth run in a chain is a full one: drift from many small runs does not pile up forever.
+    full_every: int = Field(5, ge=1)
 
 
 class DatasetConfig(_Section):

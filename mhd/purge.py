@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 from mhd.config import Config
 from mhd.errors import MergeError
-from mhd.store import HELDOUT, ModelRecord, Store
+from mhd.store import HELDOUT, TRAIN, ModelRecord, Store
 
 if TYPE_CHECKING:  # an idle daemon's status imports this module: no httpx until a purge runs
     import httpx
@@ -84,6 +84,8 @@ async def purge(cfg: Config, store: Store, *, say: Log | None = None,
     if doomed:
         await _remove_models(cfg, store, doomed, report, note, transport)
     holding = store.runs_holding(pending)
+    for run_id in store.chain_holding(pending):  # incremental runs: inherited through the parent's adapter
+        holding.setdefault(run_id, set()).add(TRAIN)
     live_clean = {m.run_id for m in store.models()}  # what is left alive is clean now
     for run_id, roles in sorted(holding.items()):
         if active is not None and run_id == active.id:
@@ -191,3 +193,9 @@ def _drop_adapter_copies(cfg: Config, runs: set[str]) -> None:
             continue
         if src in runs:
             shutil.rmtree(conf.parent / "current_adapter", ignore_errors=True)
+        try:
+            start = json.loads(conf.read_text()).get("init_run")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if start in runs:  # an incremental run's start weights (when not the gate's copy above)
+            shutil.rmtree(conf.parent / "start_adapter", ignore_errors=True)

@@ -41,6 +41,9 @@ def run_dict(run: Run, at: float | None = None) -> dict[str, Any]:
         "fetch_cost_usd": round((run.cost_per_hr or 0.0) * (run.fetch_s or 0.0) / 3600.0, 4),
         "cost_usd": round(run.cost_usd(at), 4),
         "samples": run.samples,
+        # full / incremental and why (the dataset build's decision, issue 15)
+        "training": (run.report or {}).get("training"),
+        "parent_run_id": run.parent_run_id,
         "report": run.report,
         "progress": progress_dict(run),
         "final_loss": run.loss,

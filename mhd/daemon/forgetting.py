@@ -114,9 +114,13 @@ class Forgetter:
         active = self.store.active_run()
         if active is None:
             return
-        inside = self.store.runs_holding(self.store.forgotten_keys(pending_only=True)).get(active.id)
-        if inside:
-            why = "a memory in its dataset was forgotten by its owner"
+        pending = self.store.forgotten_keys(pending_only=True)
+        inside = self.store.runs_holding(pending).get(active.id)
+        inherited = not inside and bool(self.store.forgotten_in(active.id, pending_only=True))
+        if inside or inherited:
+            # An incremental run inherits its parent's memories with its start weights.
+            why = ("the adapter it started from holds a memory forgotten by its owner" if inherited
+                   else "a memory in its dataset was forgotten by its owner")
             log.warning("run %s: cancelling: %s", active.id, why)
             self.store.add_event(active.id, "forget", f"cancelled: {why}")
             self.cancel(active.id, why)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from mhd.config import DatasetConfig
+from mhd.dataset.incremental import FULL, INCREMENTAL, Plan, select
 from mhd.dataset.memories import Memory, NotReady, Reject, iter_memory_files, read_memory
 from mhd.dataset.samples import Sample, make_sample, system_prompt
 from mhd.errors import DatasetError
@@ -199,11 +200,16 @@ def _write_json(path: Path, obj: dict[str, Any]) -> None:
 
 
 def build_dataset(memory_dir: Path, out_dir: Path, cfg: DatasetConfig, *, now: datetime | None = None,
-                  exclude: frozenset[str] = frozenset()) -> dict:
+                  exclude: frozenset[str] = frozenset(), plan: Plan | None = None, salt: str = "") -> dict:
     """Write the dataset files into ``out_dir`` and return the manifest.
 
     ``exclude``: keys of forgotten memories; they are skipped (counted as ``forgotten``) even
     where their file is still there.
+
+    ``plan``: an incremental plan keeps, of the split's train part, only the memories its parent
+    chain has not seen plus a replay sample (``salt`` varies that sample by run); the held-out
+    part is the same as a full build's. The manifest's ``training`` says which it became and why
+    (an incremental plan can still fall back to full here, see ``incremental.select``).
 
     Raises ``DatasetError`` only when ``memory_dir`` itself cannot be read; bad files are
     counted in the manifest, never raised.
@@ -214,6 +220,10 @@ def build_dataset(memory_dir: Path, out_dir: Path, cfg: DatasetConfig, *, now: d
     tally, heap = _scan(memory_dir, cfg, now.timestamp(), exclude)
     chosen = _order(heap)
     train, held = _split(chosen, cfg.holdout_fraction, cfg.holdout_min)
+    training = _narrow(train, held, plan, salt)
+    if training["mode"] == INCREMENTAL:
+        keep = set(training.pop("keys"))
+        train = [c for c in train if c.key in keep]
     out_dir.mkdir(parents=True, exist_ok=True)
     system = system_prompt(cfg)
     sha = _write_jsonl(out_dir / DATASET, train, system)
@@ -221,8 +231,22 @@ def build_dataset(memory_dir: Path, out_dir: Path, cfg: DatasetConfig, *, now: d
     if not held:
         (out_dir / EVAL).unlink(missing_ok=True)  # a stale split from an earlier build would mislead
     manifest = _manifest(tally, chosen, train, held, cfg, sha, eval_sha, memory_dir, now)
+    manifest["training"] = training
     _write_json(out_dir / MANIFEST, manifest)  # last: its presence means the build is complete
     return manifest
+
+
+def _narrow(train: list[_Candidate], held: list[_Candidate], plan: Plan | None, salt: str) -> dict[str, Any]:
+    """The manifest's ``training``: mode, reason, parent run, new / replay counts (+ the keys kept)."""
+    if plan is None:
+        return {"mode": FULL, "reason": "no plan (a dataset built alone)", "parent_run_id": None}
+    if not plan.incremental:
+        return {"mode": FULL, "reason": plan.reason, "parent_run_id": None}
+    sel = select([c.key for c in train], [c.key for c in held], plan, salt)
+    if sel.fallback is not None:
+        return {"mode": FULL, "reason": sel.fallback, "parent_run_id": None}
+    return {"mode": INCREMENTAL, "reason": plan.reason, "parent_run_id": plan.parent_run_id,
+            "new": sel.new, "replay": sel.replay, "keys": sorted(sel.keys)}
 
 
 def _manifest(tally: _Tally, chosen: list[_Candidate], train: list[_Candidate], held: list[_Candidate],

@@ -56,6 +56,10 @@ class TrainConfig:
     # {"enabled": bool, "generate": 3, "max_new_tokens": 48, "current_adapter": "current_adapter"}:
     # checked by evaluate.py.
     evaluate: dict[str, Any] = field(default_factory=dict)
+    # Incremental training: a folder in the run dir holding the adapter to start from (the served
+    # one, uploaded as current_adapter/), loaded as trainable LoRA weights instead of fresh ones.
+    init_adapter: str | None = None
+    init_run: str | None = None  # the run that adapter came from (for the log)
     unknown: tuple[str, ...] = field(default=())
 
     @classmethod

@@ -108,7 +108,10 @@ def build_trainer(cfg: TrainConfig, run: RunDir, backend: str) -> tuple[Any, Any
     from trl import SFTTrainer
 
     set_seed(cfg.seed)  # LoRA's initial weights come from the global generator
-    model, tokenizer, peft_config = models.load_model(cfg, backend)
+    start = run.root / cfg.init_adapter if cfg.init_adapter else None
+    if start is not None:
+        log(f"incremental: starting from the adapter of run {cfg.init_run or '?'} ({cfg.init_adapter}/)")
+    model, tokenizer, peft_config = models.load_model(cfg, backend, start)
     if not getattr(tokenizer, "chat_template", None):
         tokenizer.chat_template = CHATML  # a base model without one: plain ChatML
     train_rows = drop_overlong(load_rows(run.dataset, required=True), tokenizer, cfg.max_seq_length)

@@ -50,24 +50,72 @@ def import_unsloth_first() -> None:
     import unsloth  # noqa: F401
 
 
-def load_model(cfg: TrainConfig, backend: str) -> tuple[Any, Any, Any]:
-    """(model, tokenizer, peft_config or None when the model already carries LoRA)."""
+def load_model(cfg: TrainConfig, backend: str, start: Path | None = None) -> tuple[Any, Any, Any]:
+    """(model, tokenizer, peft_config or None when the model already carries LoRA).
+
+    ``start``: an adapter folder whose weights become the LoRA's starting point (incremental
+    training), trainable; its shape must be the config's.
+    """
+    if start is not None:
+        check_start_adapter(cfg, start)
     try:
         if backend == "unsloth":
-            return _load_unsloth(cfg)
-        return _load_plain(cfg, backend)
+            return _load_unsloth(cfg, start)
+        model, tokenizer, peft_config = _load_plain(cfg, backend)
     except (OSError, ValueError) as exc:
         if is_oom(exc):
             raise
         raise ConfigProblem(f"base_model {cfg.base_model!r} could not be loaded: {one_line(exc)}") from exc
+    if start is None:
+        return model, tokenizer, peft_config
+    from peft import PeftModel
+
+    # The adapter's own config (the same shape, checked above) and its weights, left trainable:
+    # the trainer gets a PeftModel and no peft_config, as on the unsloth path.
+    return PeftModel.from_pretrained(model, str(start), is_trainable=True), tokenizer, None
 
 
-def _load_unsloth(cfg: TrainConfig) -> tuple[Any, Any, Any]:
+def check_start_adapter(cfg: TrainConfig, start: Path) -> None:
+    """The daemon plans incremental runs only for the same shape; a mismatch here is a bad input."""
+    import json
+
+    try:
+        have = json.loads((start / "adapter_config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigProblem(f"init_adapter {start.name}: adapter_config.json unreadable ({one_line(exc)})") from None
+    if not (start / "adapter_model.safetensors").is_file():
+        raise ConfigProblem(f"init_adapter {start.name}: adapter_model.safetensors is missing")
+    want = {"r": cfg.lora_rank, "lora_alpha": cfg.lora_alpha, "target_modules": sorted(cfg.target_modules)}
+    got = {"r": have.get("r"), "lora_alpha": have.get("lora_alpha"),
+           "target_modules": sorted(have.get("target_modules") or [])}
+    if got != want:
+        raise ConfigProblem(f"init_adapter {start.name} has LoRA shape {got}, this run's config {want}: "
+                            "train a full run (training.mode = \"full\")")
+
+
+def _load_unsloth(cfg: TrainConfig, start: Path | None = None) -> tuple[Any, Any, Any]:
     from unsloth import FastLanguageModel  # before transformers/trl: it patches them on import
 
     model, tokenizer = FastLanguageModel.from_pretrained(**unsloth_load_kwargs(cfg, half_dtype()))
     model = FastLanguageModel.get_peft_model(model, **unsloth_peft_kwargs(cfg))
+    if start is not None:
+        # unsloth's own LoRA (its fast kernels, its gradient checkpointing) with the start's weights
+        # copied in: the same tensors PeftModel.from_pretrained would load, in unsloth's modules.
+        load_start_weights(model, start)
     return model, tokenizer, None
+
+
+def load_start_weights(model: Any, start: Path) -> None:
+    """Copy ``start``'s LoRA tensors into the PeftModel's (trainable) adapter; every one must land."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = load_file(str(start / "adapter_model.safetensors"))
+    result = set_peft_model_state_dict(model, weights)
+    unexpected = list(getattr(result, "unexpected_keys", []) or [])
+    if unexpected:
+        raise ConfigProblem(f"init_adapter {start.name}: {len(unexpected)} tensor(s) fit no LoRA module of "
+                            f"this model (e.g. {unexpected[0]})")
 
 
 # The keywords of the two unsloth calls, apart from the calls: a CPU test checks each name against

@@ -20,6 +20,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from mhd.dataset.incremental import INCREMENTAL, plan_run
 from mhd.errors import ConfigError, NoCapacityError, NoSamples, TransientProviderError
 from mhd.pod.export import DEFAULT_QUANTIZE, QUANT_TYPES, canonical_quant
 from mhd.remote.job import LAUNCHER, POD_FILES_DIR
@@ -37,12 +38,14 @@ EXPORTER = "export.py"  # imported by train.py when config.json asks for an expo
 EVALUATOR = "evaluate.py"  # imported by train.py for the quality gate's Evaluating phase
 PROBE = Path(__file__).resolve().parent.parent / "quality" / "probe.jsonl"
 CURRENT_ADAPTER = "current_adapter"
+START_ADAPTER = "start_adapter"  # an incremental run's start, when it is not the gate's current adapter
 BOOTSTRAP, LOCK = "bootstrap.sh", "requirements.lock"
 
 
 def trainer_config(ctx: RunContext, export: dict[str, Any] | None = None) -> dict[str, Any]:
     t = ctx.cfg.training
-    data = t.model_dump(mode="json", exclude={"script", "python", "bootstrap", "extra"})
+    data = t.model_dump(mode="json", exclude={"script", "python", "bootstrap", "extra", "mode",
+                                                     "replay_fraction", "full_every"})
     data["export"] = export if export is not None else {"enabled": False}
     e = ctx.cfg.eval
     data["evaluate"] = {"enabled": e.enabled, "generate": e.generate, "max_new_tokens": e.max_new_tokens,
@@ -120,26 +123,48 @@ def _build_dataset(ctx: RunContext, run: Run) -> dict[str, Any]:
     if ctx.cfg.eval.enabled:  # the gate's held-out split: stable by key, never trained on
         dcfg = dcfg.model_copy(update={"holdout_fraction": ctx.cfg.eval.fraction,
                                        "holdout_min": ctx.cfg.eval.min_count})
+    plan = plan_run(ctx.cfg, ctx.store, run)
+    # The run id salts the replay sample: a rebuild of this run picks the same one.
     manifest = dict(build_dataset(ctx.cfg.memory_dir, staging, dcfg,
-                                  exclude=frozenset(ctx.store.forgotten_keys())))
+                                  exclude=frozenset(ctx.store.forgotten_keys()), plan=plan, salt=run.id))
+    training = manifest["training"]
+    # Lineage through the chain (Store.model_keys) needs the parent the weights start from.
+    ctx.store.update_run(run.id, parent_run_id=training.get("parent_run_id"))
+    what = (f"incremental run: {training['new']} new + {training['replay']} replayed memories, {training['reason']}"
+            if training["mode"] == INCREMENTAL else f"full run: {training['reason']}")
+    ctx.store.add_event(run.id, "training", what)
+    ctx.append_log(run, what)
     # Lineage is exact from the moment the files exist: the rows come from the records written.
     ctx.store.record_lineage(run.id, ((e["key"], e["role"], e.get("type"), e.get("date"))
                                       for e in manifest.get("lineage") or []))
     return manifest
 
 
-def _finish_inputs(ctx: RunContext, run: Run, export: dict[str, Any] | None) -> None:
-    """Config, scripts and job env next to the dataset; then staging becomes ``input``."""
+def _finish_inputs(ctx: RunContext, run: Run, export: dict[str, Any] | None,
+                   parent: str | None = None) -> None:
+    """Config, scripts and job env next to the dataset; then staging becomes ``input``.
+
+    ``parent``: an incremental run's start; the trainer loads that adapter as trainable LoRA
+    weights (config.json ``init_adapter``). It is the gate's current adapter, uploaded once for both.
+    """
     staging = ctx.run_dir(run) / "input.tmp"
     config = trainer_config(ctx, export)
+    current = current_adapter(ctx)
     if ctx.cfg.eval.enabled:
         shutil.copyfile(POD_FILES_DIR / EVALUATOR, staging / EVALUATOR)
         shutil.copyfile(PROBE, staging / "probe.jsonl")
-        if (current := current_adapter(ctx)) is not None:
+        if current is not None:
             # The model served today is scored on the same held-out set (its adapter is small).
             shutil.copytree(current[1], staging / CURRENT_ADAPTER)
             config["evaluate"]["current_adapter"] = CURRENT_ADAPTER
             config["evaluate"]["current_run"] = current[0]
+    if parent is not None:
+        if (staging / CURRENT_ADAPTER).is_dir() and current is not None and current[0] == parent:
+            config["init_adapter"] = CURRENT_ADAPTER
+        else:  # the gate is off, or the promoted model moved since the plan (a rollback just now)
+            shutil.copytree(ctx.cfg.runs_dir / parent / "output" / "adapter", staging / START_ADAPTER)
+            config["init_adapter"] = START_ADAPTER
+        config["init_run"] = parent
     (staging / "config.json").write_text(json.dumps(config, indent=2))
     script = ctx.cfg.training.script or POD_FILES_DIR / TRAINER
     shutil.copyfile(script, staging / TRAINER)
@@ -172,12 +197,12 @@ async def act(ctx: RunContext, m: RunMachine) -> None:
         # waiting for an Ollama that is down.
         if manifest.get("samples"):
             export = await export_settings(ctx)
-            await asyncio.to_thread(_finish_inputs, ctx, run, export)
+            await asyncio.to_thread(_finish_inputs, ctx, run, export, manifest["training"].get("parent_run_id"))
             ctx.append_log(run, f"model route {export['route']}: " + (
                 f"the pod exports a merged {export['quantize']} GGUF after training" if export["enabled"]
                 else "the pod ships the adapter only"))
     report = {k: manifest.get(k) for k in ("samples", "eval_samples", "memories_read", "rejects",
-                                            "not_ready", "by_type", "time_range")}
+                                            "not_ready", "by_type", "time_range", "training")}
     run = ctx.store.update_run(run.id, samples=int(manifest.get("samples") or 0),
                                dataset_sha256=manifest.get("sha256"), report_json=json.dumps(report))
     if not run.samples:

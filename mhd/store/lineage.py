@@ -49,6 +49,16 @@ class LineageMixin(StoreBase):
             return set(s.scalars(select(LineageRow.key).where(LineageRow.run_id.in_(chain),
                                                               LineageRow.role == TRAIN)))
 
+    def chain_holding(self, keys: Iterable[str]) -> set[str]:
+        """Unpurged runs that started from an ancestor's adapter holding any of ``keys``: their
+        own lineage may lack the memory, but their weights carry it (``model_keys``)."""
+        wanted = set(keys)
+        if not wanted:
+            return set()
+        with self.session() as s:
+            started = list(s.scalars(select(Run.id).where(Run.parent_run_id.is_not(None), Run.purged_at.is_(None))))
+        return {r for r in started if self.model_keys(r) & wanted}
+
     def runs_with(self, key: str) -> list[LineageRow]:
         with self.session() as s:
             return list(s.scalars(select(LineageRow).where(LineageRow.key == key).order_by(LineageRow.run_id)))
