@@ -186,8 +186,11 @@ def _finish_inputs(ctx: RunContext, run: Run, export: dict[str, Any] | None,
 async def act(ctx: RunContext, m: RunMachine) -> None:
     run = ctx.check(m.run.id)
     manifest_path = ctx.run_dir(run) / "input" / "dataset_manifest.json"
-    if manifest_path.exists() and run.pod_id is None and _holds_forgotten(ctx, manifest_path):
-        # A memory was forgotten since this dataset was built (a restart in between): no pod gets it.
+    if manifest_path.exists() and run.pod_id is None and (
+            _holds_forgotten(ctx, manifest_path)
+            or (run.parent_run_id is not None and ctx.store.forgotten_in(run.parent_run_id))):
+        # A memory was forgotten since this dataset was built (a restart in between), in it or in
+        # the adapter it would start from: no pod gets it; the rebuild plans a full run then.
         shutil.rmtree(manifest_path.parent)
     if manifest_path.exists():
         manifest = dict(json.loads(manifest_path.read_text()))

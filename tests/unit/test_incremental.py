@@ -1,0 +1,162 @@
+"""Incremental training's decisions (mhd/dataset/incremental.py) on a real store and real dataset builds.
+
+Each fallback to a full run names its reason; an incremental build trains only on memories the
+served chain has not seen plus the replay sample, and never on a held-out one.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mhd.config import Config, DatasetConfig
+from mhd.dataset.build import build_dataset
+from mhd.dataset.incremental import FULL, INCREMENTAL, Plan, plan_run, replay_count
+from mhd.states.model import Outcome, RunState
+from mhd.store import TRAIN, Run, Store
+from tests.support.memories import memory, write
+
+NOW = datetime(2026, 7, 1, tzinfo=UTC)
+TARGETS = ["q_proj", "v_proj"]
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    return Store(f"sqlite:///{tmp_path / 'mhd.db'}")
+
+
+def config(tmp_path: Path, **training: Any) -> Config:
+    t = {"mode": "incremental", "base_model": "tiny", "lora_rank": 8, "lora_alpha": 16, "target_modules": TARGETS,
+         **training}
+    return Config(state_dir=tmp_path / "state", memory_dir=tmp_path / "episodic", training=t)
+
+
+def promoted(cfg: Config, store: Store, keys: list[str], *, parent: str | None = None, **shape: Any) -> Run:
+    """A succeeded run with its adapter on disk, trained on ``keys`` (lineage train rows)."""
+    run = store.create_run("manual", "local")
+    d = cfg.runs_dir / run.id
+    (d / "input").mkdir(parents=True)
+    (d / "output" / "adapter").mkdir(parents=True)
+    conf = {"base_model": "tiny", "lora_rank": 8, "lora_alpha": 16, "target_modules": TARGETS, **shape}
+    (d / "input" / "config.json").write_text(json.dumps(conf))
+    (d / "output" / "adapter" / "adapter_config.json").write_text("{}")
+    (d / "output" / "adapter" / "adapter_model.safetensors").write_bytes(b"x")
+    store.record_lineage(run.id, ((k, TRAIN, "observation", None) for k in keys))
+    return store.update_run(run.id, state=RunState.IDLE, outcome=Outcome.SUCCEEDED, parent_run_id=parent)
+
+
+def fresh(store: Store, trigger: str = "threshold") -> Run:
+    """The run being planned (left idle, so that the next one can be created)."""
+    run = store.create_run(trigger, "local")
+    return store.update_run(run.id, state=RunState.IDLE)
+
+
+def test_incremental_starts_from_the_promoted_run_with_its_chain_as_seen(tmp_path: Path, store: Store) -> None:
+    cfg = config(tmp_path)
+    first = promoted(cfg, store, ["a", "b"])
+    second = promoted(cfg, store, ["c"], parent=first.id)
+    plan = plan_run(cfg, store, fresh(store))
+    assert plan.mode == INCREMENTAL and plan.parent_run_id == second.id
+    assert plan.seen == {"a", "b", "c"}  # the parent's model holds its ancestors' memories too
+    assert plan.parent_adapter == cfg.runs_dir / second.id / "output" / "adapter"
+
+
+@pytest.mark.parametrize("change, reason", [
+    ({"base_model": "other"}, "the base model changed (other → tiny)"),
+    ({"lora_rank": 16}, "the LoRA shape changed (lora_rank 16 → 8)"),
+    ({"lora_alpha": 32}, "the LoRA shape changed (lora_alpha 32 → 16)"),
+    ({"target_modules": ["q_proj"]}, "the LoRA shape changed (target_modules ['q_proj'] → ['q_proj', 'v_proj'])"),
+])
+def test_a_changed_base_or_lora_shape_means_a_full_run(tmp_path: Path, store: Store, change: dict[str, Any],
+                                                       reason: str) -> None:
+    cfg = config(tmp_path)
+    promoted(cfg, store, ["a"], **change)
+    plan = plan_run(cfg, store, fresh(store))
+    assert (plan.mode, plan.reason) == (FULL, reason)
+
+
+def test_no_promoted_adapter_or_mode_full_means_a_full_run(tmp_path: Path, store: Store) -> None:
+    cfg = config(tmp_path)
+    assert plan_run(cfg, store, fresh(store)).reason == "no promoted model to start from"
+    promoted(cfg, store, ["a"])
+    plan = plan_run(config(tmp_path, mode="full"), store, fresh(store))
+    assert (plan.mode, plan.reason) == (FULL, 'training.mode = "full"')
+
+
+def test_every_full_every_th_run_is_full(tmp_path: Path, store: Store) -> None:
+    cfg = config(tmp_path, full_every=3)
+    full = promoted(cfg, store, ["a"])
+    one = promoted(cfg, store, ["b"], parent=full.id)
+    assert plan_run(cfg, store, fresh(store)).mode == INCREMENTAL
+    promoted(cfg, store, ["c"], parent=one.id)  # the chain is now 3 runs long: full, inc, inc
+    plan = plan_run(cfg, store, fresh(store))
+    assert (plan.mode, plan.reason) == (FULL, "every 3th run is full (the promoted model is the 3th of its chain)")
+
+
+def test_a_forgetting_run_is_always_full(tmp_path: Path, store: Store) -> None:
+    """An incremental forgetting run would inherit the forgotten memory from its parent's weights."""
+    cfg = config(tmp_path)
+    first = promoted(cfg, store, ["a", "gone"])
+    child = promoted(cfg, store, ["b"], parent=first.id)
+    assert plan_run(cfg, store, fresh(store, "forget")).mode == FULL
+    store.forget({"gone": "owner"})
+    # Through the chain: the child never trained on it, its weights still hold it.
+    assert store.forgotten_in(child.id) == {"gone"} and store.chain_holding(["gone"]) == {child.id}
+    plan = plan_run(cfg, store, fresh(store))
+    assert plan.mode == FULL and "forgotten" in plan.reason
+
+
+def test_replay_count() -> None:
+    assert [replay_count(n, 100, 0.3) for n in (0, 1, 10, 50)] == [0, 1, 3, 15]
+    assert replay_count(50, 4, 0.3) == 4 and replay_count(10, 100, 0.0) == 0
+
+
+def _memories(root: Path, n: int, start: int = 0) -> None:
+    for i in range(start, start + n):
+        ts = (NOW - timedelta(days=1 + i % 20)).isoformat().replace("+00:00", "Z")
+        write(root, f"m{i:03d}.json", memory(f"Memory number {i}: the walk by the river on day {i}.", timestamp=ts))
+
+
+def test_an_incremental_build_trains_new_plus_replay_and_never_a_held_out_memory(tmp_path: Path) -> None:
+    root = tmp_path / "episodic"
+    dcfg = DatasetConfig(persona_name="Maya", holdout_fraction=0.1, holdout_min=4)
+    _memories(root, 60)
+    first = build_dataset(root, tmp_path / "one", dcfg, now=NOW)
+    _memories(root, 20, start=60)
+    seen = frozenset(first["train_keys"])
+    plan = Plan(INCREMENTAL, "test", parent_run_id="r1", seen=seen, replay_fraction=0.3)
+    full = build_dataset(root, tmp_path / "full", dcfg, now=NOW)
+    inc = build_dataset(root, tmp_path / "inc", dcfg, now=NOW, plan=plan, salt="r2")
+
+    assert inc["heldout_keys"] == full["heldout_keys"]  # the split is the full build's
+    new = set(full["train_keys"]) - seen
+    assert inc["training"] == {"mode": INCREMENTAL, "reason": "test", "parent_run_id": "r1",
+                               "new": len(new), "replay": replay_count(len(new), len(seen), 0.3)}
+    keys = set(inc["train_keys"])
+    assert new <= keys and len(keys - new) == inc["training"]["replay"] and keys - new <= seen
+    assert not keys & set(inc["heldout_keys"])
+    assert inc["samples"] == len(keys) == sum(1 for _ in (tmp_path / "inc" / "dataset.jsonl").open())
+    # Another run replays other old memories; the same run rebuilt replays the same ones.
+    again = build_dataset(root, tmp_path / "again", dcfg, now=NOW, plan=plan, salt="r2")
+    other = build_dataset(root, tmp_path / "other", dcfg, now=NOW, plan=plan, salt="r3")
+    assert again["train_keys"] == inc["train_keys"] and other["train_keys"] != inc["train_keys"]
+
+
+def test_a_held_out_memory_the_parent_trained_on_makes_the_build_full(tmp_path: Path) -> None:
+    root = tmp_path / "episodic"
+    dcfg = DatasetConfig(persona_name="Maya", holdout_fraction=0.1, holdout_min=4)
+    _memories(root, 6)  # below 2 * holdout_min: nothing held out, all trained
+    first = build_dataset(root, tmp_path / "one", dcfg, now=NOW)
+    assert not first["heldout_keys"]
+    n = 6
+    while not set(build_dataset(root, tmp_path / "probe", dcfg, now=NOW)["heldout_keys"]) & set(first["train_keys"]):
+        _memories(root, 1, start=n)  # until the split holds out one the first run trained on
+        n += 1
+    plan = Plan(INCREMENTAL, "test", parent_run_id="r1", seen=frozenset(first["train_keys"]), replay_fraction=0.3)
+    inc = build_dataset(root, tmp_path / "inc", dcfg, now=NOW, plan=plan, salt="r2")
+    assert inc["training"]["mode"] == FULL and "held-out" in inc["training"]["reason"]
+    assert len(inc["train_keys"]) + len(inc["heldout_keys"]) == n
