@@ -46,14 +46,20 @@ def lineage(ctx: click.Context, ref: str, as_json: bool) -> None:
              "path": next(iter(store.paths_of(r.key)), None), "forgotten": r.key in forgotten}
             for r in store.lineage(run.id)]
     chain = store.run_chain(run.id)
+    # An incremental run's model also holds what its ancestors trained on (its start weights).
+    own = {r["key"] for r in rows if r["role"] == "train"}
+    inherited = [{"key": r.key, "run_id": parent, "type": r.mtype, "date": r.mdate,
+                  "path": next(iter(store.paths_of(r.key)), None), "forgotten": r.key in forgotten}
+                 for parent in chain[1:] for r in store.lineage(parent) if r.role == "train" and r.key not in own]
     data = {"run_id": run.id, "model": model, "parents": chain[1:], "purged": run.purged_at is not None,
             "train": sum(r["role"] == "train" for r in rows), "heldout": sum(r["role"] == "heldout" for r in rows),
-            "memories": rows}
+            "memories": rows, "inherited": inherited, "model_memories": len(store.model_keys(run.id))}
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
     click.echo(f"# run {run.id}" + (f", model {model}" if model else "") + (" (purged)" if data["purged"] else "")
-               + f": {data['train']} trained, {data['heldout']} held out")
+               + f": {data['train']} trained, {data['heldout']} held out"
+               + (f", started from {' ← '.join(chain[1:])} ({len(inherited)} memories inherited)" if chain[1:] else ""))
     for r in rows:
         mark = "  FORGOTTEN" if r["forgotten"] else ""
         click.echo(f"{r['role']:<8} {r['key'][:16]}  {r['type'] or '?':<16} {r['date'] or '-':<25} "

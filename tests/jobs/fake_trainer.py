@@ -4,6 +4,8 @@ config.json knobs: fake_steps (10), fake_step_s (0.2), fake_adapter_bytes (26214
 fake_exit (0), fake_checkpoint_every (2). Its checkpoints look like the real trainer's
 (``checkpoints/checkpoint-N/`` with ``trainer_state.json`` written last, the newest 2 kept), and it
 resumes from the newest complete one, logging the step like the real one does.
+``init_adapter`` (incremental training) must name a folder holding adapter_model.safetensors; its
+sha256 goes into the manifest (``init_adapter_sha256``).
 With export.enabled it also ships a small model.gguf (the merged route's artifact).
 """
 
@@ -54,6 +56,14 @@ def main() -> int:
     if (d / "manifest.json").exists():
         print("fake trainer: manifest present, nothing to do")
         return 0
+    init = cfg.get("init_adapter")  # incremental training: the adapter to start from, as the real trainer
+    init_sha = None
+    if init:
+        weights = d / init / "adapter_model.safetensors"
+        if not weights.is_file():
+            print(f"mhd-train: init_adapter {init}: adapter_model.safetensors is missing")
+            return 2
+        init_sha = sha(weights)
     start = newest_checkpoint(d / "checkpoints")
     print(f"fake trainer: pid {os.getpid()} starting at step {start}/{steps}", flush=True)
     how = f"resuming at step {start}" if start else "starting"
@@ -74,7 +84,8 @@ def main() -> int:
         return code
     ad = d / "adapter"
     ad.mkdir(exist_ok=True)
-    rng = hashlib.sha256(str(cfg.get("seed", 0)).encode()).digest()
+    # A started adapter differs from its start (and from a fresh one), like one trained further.
+    rng = hashlib.sha256((str(cfg.get("seed", 0)) + (f":{init_sha}" if init_sha else "")).encode()).digest()
     size = int(cfg.get("fake_adapter_bytes", 262144))
     (ad / "adapter_model.safetensors").write_bytes((rng * (size // len(rng) + 1))[:size])
     (ad / "adapter_config.json").write_text(json.dumps({"r": 8, "lora_alpha": 16, "peft_type": "LORA"}))
@@ -88,7 +99,7 @@ def main() -> int:
         files.append({"path": "model.gguf", "size": gguf.stat().st_size, "sha256": sha(gguf)})
     tmp = d / "manifest.json.tmp"
     tmp.write_text(json.dumps({"files": files, "base_model": cfg.get("base_model"), "final_loss": 3.0 / steps,
-                               "steps": steps}))
+                               "steps": steps, "init_adapter_sha256": init_sha}))
     os.replace(tmp, d / "manifest.json")
     print("fake trainer: done", flush=True)
     return 0
