@@ -85,6 +85,14 @@ def _nll(ev: dict[str, Any] | None) -> str:
     return f"{ev['heldout_nll_base']:.3f} → {ev['heldout_nll_new']:.3f}"
 
 
+def _samples(r: dict[str, Any]) -> str:
+    """``59 incr`` (started from another run's adapter) or ``450 full``; the reason is in --json and `mhd logs`."""
+    if r["samples"] is None:
+        return "-"
+    mode = (r.get("training") or {}).get("mode")
+    return f"{r['samples']}" + {"incremental": " incr", "full": " full"}.get(mode or "", "")
+
+
 def render_runs(runs: list[dict[str, Any]]) -> Table:
     t = Table(title="mhd runs")
     for col in ("run", "trigger", "outcome", "duration", "pods", "pod time", "cost", "samples", "loss",
@@ -98,7 +106,7 @@ def render_runs(runs: list[dict[str, Any]]) -> Table:
         pods = len(r.get("pods") or [])
         pods_cell = f"{pods}" + (f" ({r['preemptions']} preempted)" if r.get("preemptions") else "")
         t.add_row(r["id"], r["trigger"], outcome, duration(r["duration_s"]), pods_cell, duration(r["billed_s"]),
-                  f"${r['cost_usd']:.2f}", str(r["samples"] if r["samples"] is not None else "-"),
+                  f"${r['cost_usd']:.2f}", _samples(r),
                   f"{r['final_loss']:.3f}" if r.get("final_loss") is not None else "-", _nll(r.get("eval")),
                   (r.get("eval") or {}).get("decision") or "-", model)
     # Why a run did not succeed, under the table (the reason names the check and its fix).
