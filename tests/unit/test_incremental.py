@@ -160,3 +160,47 @@ def test_a_held_out_memory_the_parent_trained_on_makes_the_build_full(tmp_path: 
     inc = build_dataset(root, tmp_path / "inc", dcfg, now=NOW, plan=plan, salt="r2")
     assert inc["training"]["mode"] == FULL and "held-out" in inc["training"]["reason"]
     assert len(inc["train_keys"]) + len(inc["heldout_keys"]) == n
+
+
+def test_provisioning_builds_an_incremental_run_on_the_gates_copy_of_the_served_adapter(tmp_path: Path,
+                                                                                        store: Store) -> None:
+    """With the gate on, the start weights are the current_adapter/ it uploads anyway: one copy, not two."""
+    import logging
+
+    from mhd.states import provisioning
+    from mhd.states.context import RunContext
+
+    cfg = config(tmp_path)
+    ctx = RunContext(cfg=cfg, store=store, provider=None, connector=None, remote_root="/r",  # type: ignore[arg-type]
+                     log=logging.getLogger("test"))
+    _memories(cfg.memory_dir, 40)
+    first = fresh(store, "manual")
+    provisioning._build_dataset(ctx, first)
+    provisioning._finish_inputs(ctx, first, None)
+    adapter = cfg.runs_dir / first.id / "output" / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text("{}")
+    (adapter / "adapter_model.safetensors").write_bytes(b"weights of the first run")
+    store.update_run(first.id, outcome=Outcome.SUCCEEDED)
+    _memories(cfg.memory_dir, 10, start=40)
+
+    second = fresh(store)
+    manifest = provisioning._build_dataset(ctx, second)
+    provisioning._finish_inputs(ctx, second, None, manifest["training"]["parent_run_id"])
+
+    got = store.get_run(second.id)
+    assert got is not None and got.parent_run_id == first.id
+    inputs = cfg.runs_dir / second.id / "input"
+    conf = json.loads((inputs / "config.json").read_text())
+    assert (conf["init_adapter"], conf["init_run"], conf["evaluate"]["current_run"]) == (
+        "current_adapter", first.id, first.id)
+    assert (inputs / "current_adapter" / "adapter_model.safetensors").read_bytes() == b"weights of the first run"
+    assert not (inputs / "start_adapter").exists()
+    assert not {"mode", "replay_fraction", "full_every"} & conf.keys()  # the daemon's keys, not the trainer's
+    first_train = {r.key for r in store.lineage(first.id) if r.role == TRAIN}
+    own = {r.key for r in store.lineage(second.id) if r.role == TRAIN}
+    assert len(own - first_train) == manifest["training"]["new"] and len(own & first_train) == 3
+    assert store.model_keys(second.id) == first_train | own
+    assert [e.detail for e in store.events(second.id, "training")] == [
+        f"incremental run: {manifest['training']['new']} new + 3 replayed memories, "
+        f"from run {first.id}'s adapter (1 run(s) since the last full run)"]
