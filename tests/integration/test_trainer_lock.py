@@ -116,7 +116,7 @@ assert got == want, f"not the lock's versions: {got} != {want}"
 # precision (bf16/fp16 off) and unsloth's 4-bit loader replaced by the plain fp32 one.
 M.pick_backend = lambda: "unsloth"
 M.half_dtype = lambda: None
-M._load_unsloth = lambda cfg: M._load_plain(cfg, "cpu")
+M._load_unsloth = lambda cfg, start=None: M._load_plain(cfg, "cpu")  # start: incremental runs only
 M.import_unsloth_first = lambda: None  # unsloth needs a GPU to import; its signatures are checked elsewhere
 run = T.RunDir(pathlib.Path(sys.argv[2]))
 T.prepare_environment()
