@@ -95,6 +95,7 @@ def test_a_deleted_memory_starts_a_run_without_it_then_leaves_every_model_and_fi
         configure(denv, ol)
         write_memories(denv.memories, 6)
         secret = write_memory(denv.memories, SECRET, mtype="observation")
+        also = write_memory(denv.memories, SECRET2)
         d = denv.daemon().start()
         first = train(d)
         assert first["outcome"] == "succeeded", first
@@ -113,6 +114,7 @@ def test_a_deleted_memory_starts_a_run_without_it_then_leaves_every_model_and_fi
         assert [m["name"] for m in mem["models"]] == [first["model_name"]]
 
         secret.unlink()
+        also.unlink()  # two deletions inside the debounce: one run
         store = Store(f"sqlite:///{denv.state / 'mhd.db'}")
         second = forget_run_after(d, store, first["id"])
         assert second["outcome"] == "succeeded", second
@@ -126,8 +128,9 @@ def test_a_deleted_memory_starts_a_run_without_it_then_leaves_every_model_and_fi
         assert not (denv.state / "runs" / first["id"] / "input").exists()
         assert (denv.state / "runs" / first["id"] / "run.log").exists()  # history stays
         assert store.journal(first["id"])  # and so do the run's row and journal
+        assert [r.trigger for r in store.list_runs()] == ["forget", "manual"]
         d.stop()  # the WAL is folded back into the DB as well
-        assert files_containing(denv.state, SECRET, slug(SECRET)) == []
+        assert files_containing(denv.state, SECRET, slug(SECRET), SECRET2, slug(SECRET2)) == []
         after = cli_json(denv, "memory", "--key", key)
         assert after["models"] == [] and after["forgotten"]["reason"] == "deleted"
         assert after["forgotten"]["purged_at"] is not None
