@@ -74,6 +74,11 @@ def render_status(st: dict[str, Any]) -> Group:
         when = time.strftime("%H:%M:%S", time.localtime(mw["next_retry_at"])) if mw.get("next_retry_at") else "-"
         t.add_row("merge waiting", f"run {mw['run_id']}: {mw['attempts']} attempt(s), next at {when} "
                   f"(now: `mhd merge {mw['run_id']}`); no pod is rented meanwhile — {mw.get('error') or ''}")
+    if (fg := st.get("forget")) and fg.get("pending"):
+        models = ", ".join(fg.get("models_affected") or []) or "no registered model"
+        todo = ("a run without them, then their removal" if fg.get("policy") == "retrain"
+                else "`mhd forget --purge` to remove them")
+        t.add_row("forgotten", f"{fg['pending']} memory(ies) still inside: {models} — {todo}")
     if st.get("next_schedule_at"):
         t.add_row("next scheduled", time.strftime("%Y-%m-%d %H:%M", time.localtime(st["next_schedule_at"])))
     return Group(*parts)
@@ -103,6 +108,10 @@ def render_runs(runs: list[dict[str, Any]]) -> Table:
         if r.get("events"):
             outcome += " ↺" * len(r["events"])
         model = (r.get("model_name") or "-") + (" *" if r.get("model_active") else "")
+        if r.get("purged_at"):
+            model += " (purged)"
+        elif r.get("forgotten_inside"):
+            model += f" ⚠ {r['forgotten_inside']} forgotten"
         pods = len(r.get("pods") or [])
         pods_cell = f"{pods}" + (f" ({r['preemptions']} preempted)" if r.get("preemptions") else "")
         t.add_row(r["id"], r["trigger"], outcome, duration(r["duration_s"]), pods_cell, duration(r["billed_s"]),

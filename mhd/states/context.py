@@ -84,7 +84,10 @@ class RunContext:
         run = self.store.get_run(run_id)
         assert run is not None
         if run.cancel_requested:
-            raise Cancelled("cancelled by `mhd cancel`")
+            # The daemon cancels by itself only when a memory of the run was forgotten: say so.
+            why = self.store.events(run_id, "forget")
+            raise Cancelled(f"{why[-1].detail.removeprefix('cancelled: ')}: cancelled" if why
+                            else "cancelled by `mhd cancel`")
         b = self.cfg.budget
         if b.max_usd_per_run is not None and run.cost_usd() > b.max_usd_per_run:
             raise BudgetExceeded(

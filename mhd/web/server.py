@@ -32,14 +32,11 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
-import html
-import ipaddress
 import json
 import logging
 import re
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.cookies import CookieError, SimpleCookie
 from importlib import resources
@@ -53,6 +50,8 @@ from mhd.states.preemption import is_preemption
 from mhd.store import PROGRESS_FIELDS, Run, Store
 from mhd.views import run_dict, runs_list
 from mhd.web import charts
+from mhd.web.http import HttpError, Request, Response, _host_of, is_loopback, split_listen
+from mhd.web.logpage import render_log_page, tail_lines
 
 log = logging.getLogger("mhd.web")
 
@@ -62,7 +61,6 @@ IDLE_TIMEOUT_S = 30.0  # keep-alive connections idle longer than this are closed
 WRITE_TIMEOUT_S = 10.0  # a client that does not read for this long is dropped
 MAX_CLIENTS = 64
 STOP_GRACE_S = 5.0  # how long stop() lets open connections wind down before cancelling them
-LOG_TAIL_BYTES = 256 * 1024
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 STATIC_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*\.(?:css|js|svg|html)$")
 CONTENT_TYPES = {
@@ -81,78 +79,6 @@ SECURITY_HEADERS = (
      "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
      "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"),
 )
-
-
-def split_listen(listen: str) -> tuple[str, int]:
-    """``"127.0.0.1:8765"`` → ``("127.0.0.1", 8765)``; ``"[::1]:0"`` → ``("::1", 0)``."""
-    host, _, port = listen.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return host, int(port)
-
-
-def is_loopback(host: str) -> bool:
-    host = host.strip().lower().rstrip(".")
-    if host == "localhost" or host.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def _host_of(header: str) -> str:
-    """The host part of a ``Host`` header (``[::1]:8765`` → ``::1``)."""
-    if header.startswith("["):
-        return header[1 : header.find("]")] if "]" in header else header
-    return header.rpartition(":")[0] if header.count(":") == 1 else header
-
-
-@dataclass
-class Request:
-    method: str
-    path: str
-    query: dict[str, list[str]]
-    headers: dict[str, str]
-    version: str
-
-    @property
-    def keep_alive(self) -> bool:
-        conn = self.headers.get("connection", "").lower()
-        if self.version == "HTTP/1.0":
-            return conn == "keep-alive"
-        return conn != "close"
-
-    def arg(self, name: str) -> str | None:
-        values = self.query.get(name)
-        return values[0] if values else None
-
-
-@dataclass
-class Response:
-    status: int
-    body: bytes = b""
-    content_type: str = "text/plain; charset=utf-8"
-    headers: list[tuple[str, str]] = field(default_factory=list)
-
-    @classmethod
-    def json(cls, obj: Any, status: int = 200) -> Response:
-        return cls(status, json.dumps(obj, default=str).encode(), "application/json")
-
-    @classmethod
-    def text(cls, status: int, message: str) -> Response:
-        return cls(status, (message + "\n").encode())
-
-
-class HttpError(Exception):
-    def __init__(self, status: int, message: str, headers: list[tuple[str, str]] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.headers = status, message, headers or []
-
-    def response(self) -> Response:
-        resp = Response.text(self.status, self.message)
-        resp.headers.extend(self.headers)
-        return resp
 
 
 Handler = Callable[[Request, re.Match[str]], Awaitable[Response]]
@@ -501,48 +427,3 @@ class WebServer:
 
 def _same(a: str, b: str) -> bool:
     return hmac.compare_digest(a.encode(), b.encode())
-
-
-def tail_lines(path: Path, n: int, max_bytes: int = LOG_TAIL_BYTES) -> tuple[list[str], bool]:
-    """The last ``n`` lines of a file, reading at most ``max_bytes`` from its end."""
-    with path.open("rb") as f:
-        f.seek(0, 2)
-        size = f.tell()
-        f.seek(max(0, size - max_bytes))
-        data = f.read()
-    lines = data.decode("utf-8", errors="replace").splitlines()
-    if size > max_bytes and lines:
-        lines = lines[1:]  # the first one is probably cut in the middle
-    return lines[-n:], size > max_bytes or len(lines) > n
-
-
-_PREEMPTED_ROW = ' class="preempted"'
-
-
-def render_log_page(run: Run, store: Store, files: list[dict[str, Any]]) -> str:
-    esc = html.escape
-    outcome = run.outcome.value if run.outcome else f"active: {run.state.value}"
-    rows = "".join(
-        f"<tr{_PREEMPTED_ROW if is_preemption(t.reason) else ''}>"
-        f"<td>{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(t.at))}</td>"
-        f"<td>{esc(t.from_state.value)} → {esc(t.to_state.value)}</td><td>{esc(t.reason)}</td></tr>"
-        for t in store.journal(run.id))
-    blocks = []
-    for f in files:
-        if not f["exists"]:
-            body = '<p class="muted">not there (yet)</p>'
-        else:
-            note = '<p class="muted">… earlier lines left out</p>' if f["truncated"] else ""
-            body = f'{note}<pre class="log">{esc(chr(10).join(f["lines"]))}</pre>'
-        blocks.append(f'<section><h2>{esc(f["name"])}</h2>{body}</section>')
-    return (
-        '<!doctype html><html lang="en"><head><meta charset="utf-8">'
-        '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f'<title>mhd · log {esc(run.id)}</title><link rel="icon" href="/static/favicon.svg" type="image/svg+xml">'
-        '<link rel="stylesheet" href="/static/style.css"></head><body class="logpage">'
-        f'<header><h1><a href="/">mhd</a></h1><span class="crumb">run {esc(run.id)} · {esc(outcome)}</span>'
-        '</header><main>'
-        f'<section><h2>journal</h2><table class="runs"><thead><tr><th>at</th><th>transition</th>'
-        f'<th>reason</th></tr></thead><tbody>{rows}</tbody></table></section>'
-        f'{"".join(blocks)}</main></body></html>'
-    )

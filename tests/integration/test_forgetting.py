@@ -9,6 +9,7 @@ slug, after the purge.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -29,9 +30,9 @@ SECRET2 = "Ottoline Brackwater buried the brass telescope under the quince tree"
 
 
 def cli(denv: Any, *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
-    # --config after the subcommand, as people type it (issue 14, part 4).
+    # --config after the subcommand, as people type it (issue 14, part 4); a wide "terminal".
     out = subprocess.run([sys.executable, "-m", "mhd.cli", *args, "--config", str(denv.config)],
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "250"})
     if ok:
         assert out.returncode == 0, out.stdout + out.stderr
     return out
@@ -94,6 +95,7 @@ def test_a_deleted_memory_starts_a_run_without_it_then_leaves_every_model_and_fi
         configure(denv, ol)
         write_memories(denv.memories, 6)
         secret = write_memory(denv.memories, SECRET, mtype="observation")
+        also = write_memory(denv.memories, SECRET2)
         d = denv.daemon().start()
         first = train(d)
         assert first["outcome"] == "succeeded", first
@@ -112,6 +114,7 @@ def test_a_deleted_memory_starts_a_run_without_it_then_leaves_every_model_and_fi
         assert [m["name"] for m in mem["models"]] == [first["model_name"]]
 
         secret.unlink()
+        also.unlink()  # two deletions inside the debounce: one run
         store = Store(f"sqlite:///{denv.state / 'mhd.db'}")
         second = forget_run_after(d, store, first["id"])
         assert second["outcome"] == "succeeded", second
@@ -125,8 +128,9 @@ def test_a_deleted_memory_starts_a_run_without_it_then_leaves_every_model_and_fi
         assert not (denv.state / "runs" / first["id"] / "input").exists()
         assert (denv.state / "runs" / first["id"] / "run.log").exists()  # history stays
         assert store.journal(first["id"])  # and so do the run's row and journal
+        assert [r.trigger for r in store.list_runs()] == ["forget", "manual"]
         d.stop()  # the WAL is folded back into the DB as well
-        assert files_containing(denv.state, SECRET, slug(SECRET)) == []
+        assert files_containing(denv.state, SECRET, slug(SECRET), SECRET2, slug(SECRET2)) == []
         after = cli_json(denv, "memory", "--key", key)
         assert after["models"] == [] and after["forgotten"]["reason"] == "deleted"
         assert after["forgotten"]["purged_at"] is not None
@@ -193,6 +197,7 @@ def test_flag_policy_cancels_the_active_run_flags_the_models_refuses_rollback_an
         assert "forgotten" in out.stdout
         third = end_of(d, run3)
         assert third["outcome"] == "cancelled", third
+        assert "forgotten by its owner" in third["error"], third
 
         secret.unlink()
         d.wait_for(lambda: d.status()["forget"]["pending"] == 2, 20, "both memories forgotten")
@@ -203,6 +208,8 @@ def test_flag_policy_cancels_the_active_run_flags_the_models_refuses_rollback_an
         assert set(st["models_affected"]) == {first["model_name"], second["model_name"]}
         runs = {r["id"]: r for r in cli_json(denv, "runs")}
         assert runs[first["id"]]["forgotten_inside"] == 2
+        assert "2 memory(ies) still inside" in cli(denv, "status").stdout
+        assert "2 forgotten" in cli(denv, "runs").stdout
 
         refused = cli(denv, "rollback", first["id"], ok=False)
         assert refused.returncode == 1

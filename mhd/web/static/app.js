@@ -163,6 +163,13 @@
       note += ` The adapter of run ${mw.run_id} waits for its merge (${mw.attempts} attempt(s); ` +
         `\`mhd merge ${mw.run_id}\` retries now): no pod is rented meanwhile.`;
     }
+    const fg = st.forget;
+    if (fg && fg.pending) {
+      const models = (fg.models_affected || []).join(", ") || "no registered model";
+      note += ` ${fg.pending} forgotten memory(ies) are still inside: ${models}; ` +
+        (fg.policy === "retrain" ? "a run without them starts, then they are removed."
+                                 : "`mhd forget --purge` removes them.");
+    }
     if (st.next_schedule_at) note += ` Next scheduled run: ${when(st.next_schedule_at)}.`;
     setText("note", note);
     tickTimeline(st);
