@@ -204,3 +204,28 @@ def test_provisioning_builds_an_incremental_run_on_the_gates_copy_of_the_served_
     assert [e.detail for e in store.events(second.id, "training")] == [
         f"incremental run: {manifest['training']['new']} new + 3 replayed memories, "
         f"from run {first.id}'s adapter (1 run(s) since the last full run)"]
+
+
+def test_an_active_run_started_from_an_adapter_holding_a_forgotten_memory_is_cancelled(tmp_path: Path,
+                                                                                       store: Store) -> None:
+    """Its own dataset is clean, but its start weights carry the memory: finishing it would be paid for nothing."""
+    from mhd.daemon.forgetting import Forgetter
+    from mhd.daemon.watcher import MemoryIndex
+
+    cfg = config(tmp_path)
+    parent = promoted(cfg, store, ["a", "gone"])
+    clean = promoted(cfg, store, ["b"])  # a run with no chain: not affected
+    active = store.create_run("threshold", "local")
+    store.record_lineage(active.id, [("c", TRAIN, "observation", None)])
+    store.update_run(active.id, parent_run_id=parent.id)
+    cancelled: list[tuple[str, str]] = []
+    forgetter = Forgetter(cfg, store, MemoryIndex(cfg.memory_dir, store, cfg.dataset), start_run=lambda t: None,
+                          cancel=lambda run_id, why: cancelled.append((run_id, why)), hold_until=lambda: 0.0,
+                          on_purged=lambda: None)
+    store.forget({"b": "owner"})  # held by another run only
+    forgetter.react()
+    assert cancelled == []
+    store.forget({"gone": "owner"})
+    forgetter.react()
+    assert cancelled == [(active.id, "the adapter it started from holds a memory forgotten by its owner")]
+    assert store.chain_holding(["gone", "b"]) == {active.id} and clean.id not in store.chain_holding(["b"])
