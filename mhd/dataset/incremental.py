@@ -97,10 +97,16 @@ def plan_run(cfg: Config, store: Store, run: Run) -> Plan:
         return _full(f"the promoted run {parent}'s model holds a forgotten memory: this run must not inherit it")
     chain = store.run_chain(parent)
     if len(chain) >= t.full_every:
-        return _full(f"every {t.full_every}th run is full (the promoted model is the {len(chain)}th of its chain)")
+        return _full(f"every {_nth(t.full_every)} run is full (the promoted model is the {_nth(len(chain))} of its "
+                     "chain)")
     seen = frozenset(store.model_keys(parent))
     return Plan(INCREMENTAL, f"from run {parent}'s adapter ({len(chain)} run(s) since the last full run)",
                 parent_run_id=parent, parent_adapter=adapter, seen=seen, replay_fraction=t.replay_fraction)
+
+
+def _nth(n: int) -> str:
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
 
 
 def replay_count(new: int, old: int, fraction: float) -> int:

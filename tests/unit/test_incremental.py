@@ -94,7 +94,7 @@ def test_every_full_every_th_run_is_full(tmp_path: Path, store: Store) -> None:
     assert plan_run(cfg, store, fresh(store)).mode == INCREMENTAL
     promoted(cfg, store, ["c"], parent=one.id)  # the chain is now 3 runs long: full, inc, inc
     plan = plan_run(cfg, store, fresh(store))
-    assert (plan.mode, plan.reason) == (FULL, "every 3th run is full (the promoted model is the 3th of its chain)")
+    assert (plan.mode, plan.reason) == (FULL, "every 3rd run is full (the promoted model is the 3rd of its chain)")
 
 
 def test_a_forgetting_run_is_always_full(tmp_path: Path, store: Store) -> None:
