@@ -106,6 +106,10 @@ def test_a_forgetting_run_is_always_full(tmp_path: Path, store: Store) -> None:
     store.forget({"gone": "owner"})
     # Through the chain: the child never trained on it, its weights still hold it.
     assert store.forgotten_in(child.id) == {"gone"} and store.chain_holding(["gone"]) == {child.id}
+    from mhd.purge import affected_models
+
+    store.add_model(child.id, "mhd:child", "ollama")
+    assert [m.name for m in affected_models(store)] == ["mhd:child"]  # the served model holds it too
     plan = plan_run(cfg, store, fresh(store))
     assert plan.mode == FULL and "forgotten" in plan.reason
 
