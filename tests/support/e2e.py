@@ -316,7 +316,8 @@ class E2E:
             pgid = self.job_group(run_id)
             return pgid if pgid and self.step(run_id) >= at_step and when() else None
 
-        pgid = wait_until(reached, 90, f"training to reach step {at_step}", interval=0.01, on_timeout=self.tail)
+        # The real trainer starts here (torch import, model load): minutes on a loaded 2-core box.
+        pgid = wait_until(reached, 240, f"training to reach step {at_step}", interval=0.01, on_timeout=self.tail)
         os.killpg(pgid, signal.SIGSTOP)
         self._stopped.add(pgid)
         try:
