@@ -59,6 +59,17 @@ def check_export(cfg: TrainConfig) -> Any:
     return ecfg
 
 
+def phase_error(exc: BaseException, doing: str) -> str:
+    """One line for a phase that failed (out of memory named as such); the traceback of anything
+    unexpected goes to the log. Call it inside the ``except`` block."""
+    if is_oom(exc):
+        return f"out of memory while {doing}: " + one_line(exc)
+    import traceback
+
+    traceback.print_exc()
+    return f"{type(exc).__name__}: {one_line(exc)}"
+
+
 def run_export(cfg: TrainConfig, run: RunDir, ecfg: Any) -> tuple[dict[str, Any], list[Path]]:
     """(the manifest's ``export`` entry, files to list). Failures are recorded, never raised:
     the adapter the GPU time paid for is shipped whatever happens here."""
@@ -73,13 +84,7 @@ def run_export(cfg: TrainConfig, run: RunDir, ecfg: Any) -> tuple[dict[str, Any]
     except export.ExportProblem as exc:
         error = str(exc)
     except Exception as exc:
-        if is_oom(exc):
-            error = "out of memory while building the merged model: " + one_line(exc)
-        else:
-            import traceback
-
-            traceback.print_exc()
-            error = f"{type(exc).__name__}: {one_line(exc)}"
+        error = phase_error(exc, "building the merged model")
     else:
         size = info["size"]
         log(f"export done: {info['file']} ({info['quantize']}, "
@@ -128,13 +133,7 @@ def run_evaluation(cfg: TrainConfig, run: RunDir, vcfg: Any, trained: Any = None
     try:
         return job.run(None if trained is None else for_inference(trained, backend)), [job.out]
     except Exception as exc:
-        if is_oom(exc):
-            error = "out of memory while evaluating: " + one_line(exc)
-        else:
-            import traceback
-
-            traceback.print_exc()
-            error = f"{type(exc).__name__}: {one_line(exc)}"
+        error = phase_error(exc, "evaluating")
     again = trained is not None and retry
     progress({"phase": "evaluating", "status": "failed", "error": error, "retry": again, "time": time.time()})
     if again:
