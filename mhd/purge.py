@@ -72,6 +72,20 @@ def forget_view(store: Store, policy: str) -> dict[str, object]:
             "policy": policy}
 
 
+def forgotten_note(store: Store, run_id: str) -> str | None:
+    """Names the forgotten memories inside a run's model (for refusals), or None."""
+    inside = store.forgotten_in(run_id)
+    if not inside:
+        return None
+    rows = {r.key: r for r in store.lineage(run_id)}
+    named = []
+    for key in sorted(inside)[:3]:
+        r = rows.get(key)
+        named.append(f"{key[:12]} ({r.mtype or '?'}, {r.mdate or 'undated'})" if r else key[:12])
+    more = f" and {len(inside) - 3} more" if len(inside) > 3 else ""
+    return f"it contains {len(inside)} forgotten memory(ies): {', '.join(named)}{more}"
+
+
 async def purge(cfg: Config, store: Store, *, say: Log | None = None,
                 transport: httpx.AsyncBaseTransport | None = None) -> PurgeReport:
     report = PurgeReport()

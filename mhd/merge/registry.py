@@ -161,20 +161,6 @@ async def remove_alias(cfg: Config, kind: str, *, transport: httpx.AsyncBaseTran
         await client.delete(alias_name(check_prefix(cfg.merge.model_prefix)), missing_ok=True)
 
 
-def forgotten_note(store: Store, run_id: str) -> str | None:
-    """Names the forgotten memories inside a run's model (for refusals), or None."""
-    inside = store.forgotten_in(run_id)
-    if not inside:
-        return None
-    rows = {r.key: r for r in store.lineage(run_id)}
-    named = []
-    for key in sorted(inside)[:3]:
-        r = rows.get(key)
-        named.append(f"{key[:12]} ({r.mtype or '?'}, {r.mdate or 'undated'})" if r else key[:12])
-    more = f" and {len(inside) - 3} more" if len(inside) > 3 else ""
-    return f"it contains {len(inside)} forgotten memory(ies): {', '.join(named)}{more}"
-
-
 # Rollback ----------------------------------------------------------------------------------------
 def _rollback_target(records: list[ModelRecord], run_id: str | None) -> tuple[ModelRecord, ModelRecord | None]:
     current = next((r for r in reversed(records) if r.active), None)
@@ -206,6 +192,8 @@ async def rollback(cfg: Config, store: Store, run_id: str | None = None, *,
     if not records:
         raise MergeError("mhd has registered no model yet: nothing to roll back to")
     target, current = _rollback_target(records, run_id)
+    from mhd.purge import forgotten_note
+
     if (why := forgotten_note(store, target.run_id)) is not None:
         raise MergeError(f"refusing to roll back to {target.name} (run {target.run_id}): {why} "
                          "(the owner took it back; `mhd forget --purge` removes that model)")

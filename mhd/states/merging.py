@@ -79,32 +79,24 @@ def decide_run(cfg: Config, store: Store, run_id: str) -> Decision:
     """The gate for this run. A run holding a memory its owner took back is never promoted; a
     run made while the served model still holds one is a forgetting run (the owner's deletion
     wins over the no-regression rule; it must still beat the base)."""
-    from mhd.quality.gate import promoted_run
+    from mhd.purge import forgotten_note
+    from mhd.quality.gate import REJECTED, numbers, promoted_run
 
     ev = fetched_eval(cfg, run_id)
-    inside = store.forgotten_in(run_id)
-    if inside:
-        return forgotten_decision(ev, inside)
+    if (why := forgotten_note(store, run_id)) is not None:
+        return Decision(REJECTED, f"{why}: never promoted", ("forgotten",),
+                        numbers(ev))
     current = promoted_run(store)
     forgetting = current is not None and current != run_id and bool(store.forgotten_in(current, pending_only=True))
     return decide(ev, cfg.eval, forgetting=forgetting)
 
 
-def forgotten_decision(ev: dict[str, Any] | None, keys: set[str]) -> Decision:
-    from mhd.quality.gate import REJECTED, numbers
-
-    shown = ", ".join(sorted(k[:12] for k in keys)[:3]) + (" …" if len(keys) > 3 else "")
-    return Decision(REJECTED, f"it was trained on {len(keys)} memory(ies) forgotten since ({shown}): "
-                    "never promoted", ("forgotten",), numbers(ev))
-
-
 def forgotten_refusal(store: Store, run_id: str) -> str | None:
     """Why this run's adapter must never be registered, when it holds a forgotten memory."""
-    inside = store.forgotten_in(run_id)
-    if not inside:
-        return None
-    return (f"run {run_id} was trained on {len(inside)} memory(ies) its owner has since forgotten "
-            f"({', '.join(sorted(k[:12] for k in inside)[:3])}): it is never registered")
+    from mhd.purge import forgotten_note
+
+    why = forgotten_note(store, run_id)
+    return None if why is None else f"run {run_id}: {why}; it is never registered"
 
 
 def gate(ctx: RunContext, run: Run) -> Decision:
