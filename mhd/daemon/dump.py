@@ -1,8 +1,12 @@
 """What every asyncio task and thread of the daemon is waiting on: `kill -USR1` writes it to the log.
 
 For a daemon that seems stuck (a state that does not move, `mhd status` answering but nothing
-progressing): each task's whole await chain, down to the future it waits for, and each thread's
+progressing): each task's await chain, down to the future it waits for, and each busy thread's
 stack. docs/OPERATIONS.md says when to use it.
+
+Kept short on purpose (it is read in logs and in CI output that keeps only a tail): frames of the
+standard library and of installed packages are dropped except the innermost one, and idle
+executor threads are counted instead of listed.
 """
 
 from __future__ import annotations
@@ -10,11 +14,32 @@ from __future__ import annotations
 import asyncio
 import sys
 import threading
-import traceback
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
 MAX_DEPTH = 40
+THREAD_FRAMES = 12
+_OURS = str(Path(__file__).resolve().parents[1])  # the mhd package folder
+
+
+def _ours(frame: FrameType) -> bool:
+    return frame.f_code.co_filename.startswith(_OURS)
+
+
+def _trim(frames: list[FrameType]) -> list[FrameType]:
+    """Our frames, and the innermost frame whatever it is (what the chain ends on)."""
+    return [f for i, f in enumerate(frames) if _ours(f) or i == len(frames) - 1]
+
+
+def _idle_worker(frame: FrameType) -> bool:
+    # a ThreadPoolExecutor worker blocked on its queue has nothing to say
+    f: FrameType | None = frame
+    while f is not None:
+        if f.f_code.co_name == "_worker" and f.f_code.co_filename.endswith("concurrent/futures/thread.py"):
+            return frame.f_code.co_name in ("get", "wait", "acquire")
+        f = f.f_back
+    return False
 
 
 def _where(frame: FrameType) -> str:
@@ -53,13 +78,21 @@ def describe(loop: asyncio.AbstractEventLoop | None = None) -> str:
     for task in tasks:
         frames, waiting_on = await_chain(task.get_coro())
         lines.append(f"  task {task.get_name()}{' (done)' if task.done() else ''}")
-        lines += [f"    {_where(f)}" for f in frames]
+        lines += [f"    {_where(f)}" for f in _trim(frames)]
         if waiting_on is not None:
             lines.append(f"    waiting on {waiting_on!r:.300}")
     names = {t.ident: t.name for t in threading.enumerate()}
     current = sys._current_frames()
-    lines.append(f"{len(current)} thread(s):")
+    idle = [ident for ident, frame in current.items() if _idle_worker(frame)]
+    lines.append(f"{len(current)} thread(s), {len(idle)} of them idle executor workers:")
     for ident, frame in current.items():
+        if ident in idle:
+            continue
+        stack: list[FrameType] = []
+        f: FrameType | None = frame
+        while f is not None:
+            stack.append(f)
+            f = f.f_back
         lines.append(f"  thread {names.get(ident, ident)}")
-        lines += ["    " + line.strip() for line in traceback.format_stack(frame)[-12:] if line.strip()]
+        lines += [f"    {_where(f)}" for f in _trim(stack[::-1])[-THREAD_FRAMES:]]
     return "\n".join(lines)

@@ -123,7 +123,9 @@ class DaemonProc:
     def wait_for(self, pred: Callable[[], Any], timeout: float = 60, what: str = "condition",
                  interval: float = 0.05) -> Any:
         def explain() -> str:
-            tail = self.log.read_text(errors="replace")[-4000:]
+            # transitions' own DEBUG lines say nothing the "A → B (reason)" lines do not
+            lines = [ln for ln in self.log.read_text(errors="replace").splitlines() if "transitions.core" not in ln]
+            tail = "\n".join(lines)[-3000:]
             return f"daemon log tail:\n{tail}\n--- what each task waits on (SIGUSR1) ---\n{self.dump()}"
 
         return wait_until(pred, timeout, what, interval=interval, on_timeout=explain)
@@ -139,7 +141,7 @@ class DaemonProc:
 
         self.proc.send_signal(signal.SIGUSR1)
         try:
-            wait_until(lambda: "SIGUSR1 dump" in (t := since()) and " thread(s):" in t, timeout, "the dump")
+            wait_until(lambda: "SIGUSR1 dump" in (t := since()) and " thread(s)" in t, timeout, "the dump")
         except AssertionError:
             return f"(no dump within {timeout:.0f}s)"
         time.sleep(0.2)  # the rest of the record
