@@ -224,17 +224,27 @@ async def _fetch_files(ctx: RunContext, run: Run, job: RemoteJob, out: Path, fil
 
 @contextlib.asynccontextmanager
 async def _heartbeats(ctx: RunContext, job: RemoteJob) -> AsyncIterator[None]:
-    """Touch the pod's heartbeat while a (possibly hours-long) download runs."""
+    """Touch the pod's heartbeat while a (possibly hours-long) download runs.
+
+    The beat also stops on ``stop``, not on the cancel alone: on Python 3.11 an
+    ``asyncio.wait_for`` whose inner call finishes as the cancel arrives swallows it (fixed in
+    3.12), and the status round trip is such a call. A lost cancel left the fetch waiting here,
+    every file downloaded, until the run's deadline (seen in CI).
+    """
+    stop = asyncio.Event()
+
     async def beat() -> None:
-        while True:
+        while not stop.is_set():
             with contextlib.suppress(Exception):  # a dead link shows up in the download itself
                 await job.status()
-            await asyncio.sleep(ctx.cfg.heartbeat_interval_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), ctx.cfg.heartbeat_interval_s)
 
     task = asyncio.create_task(beat())
     try:
         yield
     finally:
+        stop.set()
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
