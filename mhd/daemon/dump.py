@@ -32,14 +32,20 @@ def _trim(frames: list[FrameType]) -> list[FrameType]:
     return [f for i, f in enumerate(frames) if _ours(f) or i == len(frames) - 1]
 
 
-def _idle_worker(frame: FrameType) -> bool:
-    # a ThreadPoolExecutor worker blocked on its queue has nothing to say
+def _stack(frame: FrameType) -> list[FrameType]:
+    """A thread's frames, outermost first."""
+    frames: list[FrameType] = []
     f: FrameType | None = frame
     while f is not None:
-        if f.f_code.co_name == "_worker" and f.f_code.co_filename.endswith("concurrent/futures/thread.py"):
-            return frame.f_code.co_name in ("get", "wait", "acquire")
+        frames.append(f)
         f = f.f_back
-    return False
+    return frames[::-1]
+
+
+def _idle_worker(frame: FrameType) -> bool:
+    # A ThreadPoolExecutor worker waiting for work sits in its own `_worker` frame (the queue's get
+    # is C code); one that runs a work item has the item's frames below it.
+    return frame.f_code.co_name == "_worker" and frame.f_code.co_filename.endswith("concurrent/futures/thread.py")
 
 
 def _where(frame: FrameType) -> str:
@@ -83,16 +89,11 @@ def describe(loop: asyncio.AbstractEventLoop | None = None) -> str:
             lines.append(f"    waiting on {waiting_on!r:.300}")
     names = {t.ident: t.name for t in threading.enumerate()}
     current = sys._current_frames()
-    idle = [ident for ident, frame in current.items() if _idle_worker(frame)]
+    idle = {ident for ident, frame in current.items() if _idle_worker(frame)}
     lines.append(f"{len(current)} thread(s), {len(idle)} of them idle executor workers:")
     for ident, frame in current.items():
         if ident in idle:
             continue
-        stack: list[FrameType] = []
-        f: FrameType | None = frame
-        while f is not None:
-            stack.append(f)
-            f = f.f_back
         lines.append(f"  thread {names.get(ident, ident)}")
-        lines += [f"    {_where(f)}" for f in _trim(stack[::-1])[-THREAD_FRAMES:]]
+        lines += [f"    {_where(f)}" for f in _trim(_stack(frame))[-THREAD_FRAMES:]]
     return "\n".join(lines)
