@@ -97,7 +97,7 @@ def series(mode: str, work: Path, model: Path, a: argparse.Namespace) -> list[di
     """One stream, run by run, the daemon's way (plan → dataset → trainer → promoted)."""
     from mhd.config import Config
     from mhd.dataset.build import build_dataset
-    from mhd.dataset.incremental import plan_run
+    from mhd.dataset.incremental import incremental_learning_rate, plan_run
     from mhd.quality.gate import decide
     from mhd.states.model import Outcome, RunState
     from mhd.store import Store
@@ -105,7 +105,7 @@ def series(mode: str, work: Path, model: Path, a: argparse.Namespace) -> list[di
     memories = work / "memories"
     training = {"mode": mode, "base_model": str(model), "lora_rank": 8, "lora_alpha": 16,
                 "target_modules": trainer_settings(model)["target_modules"], "full_every": a.full_every,
-                "replay_fraction": a.replay_fraction}
+                "replay_fraction": a.replay_fraction, "incremental_lr_scale": a.lr_scale}
     cfg = Config(state_dir=work / "state", memory_dir=memories, training=training)
     dcfg = cfg.dataset.model_copy(update={"persona_name": "Maya", "holdout_fraction": cfg.eval.fraction,
                                           "holdout_min": cfg.eval.min_count})
@@ -127,6 +127,7 @@ def series(mode: str, work: Path, model: Path, a: argparse.Namespace) -> list[di
             conf["evaluate"]["current_adapter"] = "current_adapter"
         if tr["mode"] == "incremental":
             conf["init_adapter"], conf["init_run"] = "current_adapter", tr["parent_run_id"]
+            conf["learning_rate"] = incremental_learning_rate(conf["learning_rate"], cfg.training)  # as Provisioning
         (d / "config.json").write_text(json.dumps(conf))
         job_s = _launch(d, work)
         trained = json.loads((d / "trained.json").read_text())["info"]
@@ -210,7 +211,9 @@ def section(report: dict[str, Any]) -> list[str]:
         "`benchmarks/out/incremental.json`. The real trainer on the tiny offline model (random-init), batch 4, "
         f"2 epochs, lr 5e-3; a stream of {a['initial']} memories and a full run, then {a['runs']} runs of "
         f"{a['per_run']} new ones; held out 10 % (at least 8) by key; `replay_fraction = {a['replay_fraction']}`, "
-        f"`full_every = {a['full_every']}`. Every run is promoted (the next one starts from it).",
+        f"`full_every = {a['full_every']}`, `incremental_lr_scale = {a.get('lr_scale', 1.0)}` (an incremental run "
+        "trains at lr times that). Every run is promoted (the next one starts from it)."
+        + (f" The full series is reused from `{a['reuse_full']}` (same stream)." if a.get("reuse_full") else ""),
         "",
         "| run | memories | full: samples / s / held-out NLL | incremental: mode, samples (new + replay) / s / "
         "held-out NLL | NLL incr ÷ full | gate (incremental run) |",
@@ -260,6 +263,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-run", type=int, default=50)
     p.add_argument("--replay-fraction", type=float, default=0.3)
     p.add_argument("--full-every", type=int, default=5)
+    p.add_argument("--lr-scale", type=float, default=None,
+                   help="[training] incremental_lr_scale (default: the config's default)")
+    p.add_argument("--reuse-full", type=Path,
+                   help="take the full series from a saved --out of the same stream instead of training it again")
     p.add_argument("--from-json", type=Path, help="re-render the summary and section from a saved run's --out")
     a = p.parse_args(argv)
     if a.from_json:
@@ -269,13 +276,18 @@ def main(argv: list[str] | None = None) -> int:
         _write_section(saved, a.results)
         return 0
     started = time.time()
+    from mhd.config import TrainingConfig
     from tests.support.tiny import build_once
+
+    if a.lr_scale is None:
+        a.lr_scale = TrainingConfig().incremental_lr_scale
+    reused = _reused_full(a)
 
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="mhd-bench-incr-") as tmp_s:
         tmp = Path(tmp_s)
         model = build_once(tmp)
-        full = series("full", tmp / "full", model, a)
+        full = reused if reused is not None else series("full", tmp / "full", model, a)
         inc = series("incremental", tmp / "incremental", model, a)
     s = summary(full, inc)
     print(f"samples over runs 1-{a.runs}: full {s['samples_full']}, incremental {s['samples_incremental']} "
@@ -283,10 +295,24 @@ def main(argv: list[str] | None = None) -> int:
           f"{s['trainer_s_incremental']}; held-out NLL incremental vs full: worst {s['nll_worst']:+.2%}, "
           f"last {s['nll_last']:+.2%} (goal ≤ +{GOAL_NLL:.0%})")
     report = {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "seconds": round(time.time() - started, 1),
-              "args": vars(a) | {"out": str(a.out)}, "full": full, "incremental": inc, "summary": s}
+              "args": vars(a) | {"out": str(a.out), "reuse_full": a.reuse_full and str(a.reuse_full)},
+              "full": full, "incremental": inc, "summary": s}
     a.out.write_text(json.dumps(report, indent=2) + "\n")
     _write_section(report, a.results)
     return 0
+
+
+def _reused_full(a: argparse.Namespace) -> list[dict[str, Any]] | None:
+    """The full series of a saved run, when it ran the same stream (the full runs ignore the knobs tried)."""
+    if a.reuse_full is None:
+        return None
+    saved = json.loads(a.reuse_full.read_text())
+    stream = ("initial", "runs", "per_run")
+    if any(saved["args"].get(k) != getattr(a, k) for k in stream):
+        was = ", ".join(f"{k}={saved['args'].get(k)}" for k in stream)
+        raise SystemExit(f"{a.reuse_full}: another stream ({was})")
+    full: list[dict[str, Any]] = saved["full"]
+    return full
 
 
 def _write_section(report: dict[str, Any], results: bool) -> None:

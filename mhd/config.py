@@ -138,6 +138,10 @@ class TrainingConfig(_Section):
     replay_fraction: float = Field(0.3, ge=0, le=10)
     # Every Nth run in a chain is a full one: drift from many small runs does not pile up forever.
     full_every: int = Field(5, ge=1)
+    # An incremental run's learning rate is ``learning_rate`` times this. It starts at its parent's
+    # minimum and sees a few dozen samples: the full rate throws it off that minimum before it has
+    # learned the new ones (benchmarks/RESULTS.md, "Incremental vs full").
+    incremental_lr_scale: float = Field(0.5, gt=0, le=1)
 
 
 class DatasetConfig(_Section):

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from mhd.config import Config
+    from mhd.config import Config, TrainingConfig
     from mhd.store import Run, Store
 
 FULL, INCREMENTAL = "full", "incremental"
@@ -107,6 +107,11 @@ def plan_run(cfg: Config, store: Store, run: Run) -> Plan:
 def _nth(n: int) -> str:
     suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
     return f"{n}{suffix}"
+
+
+def incremental_learning_rate(rate: float, training: TrainingConfig) -> float:
+    """The learning rate of a run that starts from trained weights (``incremental_lr_scale``)."""
+    return rate * training.incremental_lr_scale
 
 
 def replay_count(new: int, old: int, fraction: float) -> int:

@@ -20,7 +20,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from mhd.dataset.incremental import INCREMENTAL, plan_run
+from mhd.dataset.incremental import INCREMENTAL, incremental_learning_rate, plan_run
 from mhd.errors import ConfigError, NoCapacityError, NoSamples, TransientProviderError
 from mhd.pod.export import DEFAULT_QUANTIZE, QUANT_TYPES, canonical_quant
 from mhd.remote.job import LAUNCHER, POD_FILES_DIR
@@ -45,7 +45,8 @@ BOOTSTRAP, LOCK = "bootstrap.sh", "requirements.lock"
 def trainer_config(ctx: RunContext, export: dict[str, Any] | None = None) -> dict[str, Any]:
     t = ctx.cfg.training
     data = t.model_dump(mode="json", exclude={"script", "python", "bootstrap", "extra", "mode",
-                                                     "replay_fraction", "full_every"})
+                                                     "replay_fraction", "full_every",
+                                                     "incremental_lr_scale"})
     data["export"] = export if export is not None else {"enabled": False}
     e = ctx.cfg.eval
     data["evaluate"] = {"enabled": e.enabled, "generate": e.generate, "max_new_tokens": e.max_new_tokens,
@@ -165,6 +166,7 @@ def _finish_inputs(ctx: RunContext, run: Run, export: dict[str, Any] | None,
             shutil.copytree(ctx.cfg.runs_dir / parent / "output" / "adapter", staging / START_ADAPTER)
             config["init_adapter"] = START_ADAPTER
         config["init_run"] = parent
+        config["learning_rate"] = incremental_learning_rate(config["learning_rate"], ctx.cfg.training)
     (staging / "config.json").write_text(json.dumps(config, indent=2))
     script = ctx.cfg.training.script or POD_FILES_DIR / TRAINER
     shutil.copyfile(script, staging / TRAINER)

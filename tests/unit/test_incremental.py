@@ -200,7 +200,10 @@ def test_provisioning_builds_an_incremental_run_on_the_gates_copy_of_the_served_
         "current_adapter", first.id, first.id)
     assert (inputs / "current_adapter" / "adapter_model.safetensors").read_bytes() == b"weights of the first run"
     assert not (inputs / "start_adapter").exists()
-    assert not {"mode", "replay_fraction", "full_every"} & conf.keys()  # the daemon's keys, not the trainer's
+    assert not {"mode", "replay_fraction", "full_every", "incremental_lr_scale"} & conf.keys()  # the daemon's keys
+    # From trained weights at a lower rate; the full first run had the configured one.
+    assert conf["learning_rate"] == cfg.training.learning_rate * cfg.training.incremental_lr_scale == 1e-4
+    assert json.loads((cfg.runs_dir / first.id / "input" / "config.json").read_text())["learning_rate"] == 2e-4
     first_train = {r.key for r in store.lineage(first.id) if r.role == TRAIN}
     own = {r.key for r in store.lineage(second.id) if r.role == TRAIN}
     assert len(own - first_train) == manifest["training"]["new"] and len(own & first_train) == 3
